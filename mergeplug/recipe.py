@@ -1,0 +1,276 @@
+"""Recipes: YAML or JSON files that say what to merge, finetune, evaluate, fuse or bench.
+
+Checking happens in two passes, both before any model is opened: the recipe against its schema in
+``schemas/``, then each component it names against the registry and against that component's own
+parameter schema. Every problem is collected and reported as one line naming the file and the JSON path.
+Defaults are filled in explicitly afterwards (jsonschema never does).
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from .errors import MergeplugError
+from .plugins import Component, Registry, get_registry
+from .schema import format_path, load_schema, problems, with_defaults
+
+RECIPE_KINDS = ("merge", "finetune", "evaluate", "fuse", "bench")
+
+#: Converters from other tools' recipe formats, tried in order: ``(detect(data) -> bool, convert(data, source))``.
+DIALECTS: list[tuple[Callable[[dict], bool], Callable[[dict, str], dict]]] = []
+
+
+@dataclass
+class Recipe:
+    """A checked recipe: ``data`` has every default filled in; ``components`` maps JSON paths to components."""
+
+    kind: str
+    data: dict
+    source: str
+    path: Path | None = None
+    components: dict[str, Component] = field(default_factory=dict)
+
+    def component(self, where: str) -> Component:
+        return self.components[where]
+
+
+# --- reading -----------------------------------------------------------------------------------------------
+def read_recipe_file(path: str | Path) -> dict:
+    """Parse a YAML or JSON recipe; a clear one-line error for a missing or malformed file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise MergeplugError(f"{path}: no such recipe file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MergeplugError(f"{path}: cannot read the recipe: {exc}") from None
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise MergeplugError(f"{path.name}: line {exc.lineno} column {exc.colno}: invalid JSON: {exc.msg}") from None
+    else:
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"line {mark.line + 1} column {mark.column + 1}: " if mark else ""
+            what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise MergeplugError(f"{path.name}: {where}invalid YAML: {what}") from None
+    if not isinstance(data, dict):
+        raise MergeplugError(f"{path.name}: a recipe is a mapping of fields (method, models, ...), got {type(data).__name__}")
+    return data
+
+
+def load_recipe(path: str | Path, *, registry: Registry | None = None, kind: str | None = None) -> Recipe:
+    """Read and check a recipe file; raises :class:`MergeplugError` listing every problem."""
+    path = Path(path)
+    recipe = check_recipe(read_recipe_file(path), source=path.name, registry=registry, kind=kind)
+    recipe.path = path
+    return recipe
+
+
+# --- checking ----------------------------------------------------------------------------------------------
+def recipe_kind(data: dict, source: str) -> str:
+    kind = data.get("kind", "merge")
+    if kind not in RECIPE_KINDS:
+        raise MergeplugError(f"{source}: kind: {kind!r} is not one of {', '.join(RECIPE_KINDS)}")
+    return kind
+
+
+def check_recipe(data: dict, *, source: str, registry: Registry | None = None, kind: str | None = None) -> Recipe:
+    registry = registry or get_registry()
+    for detect, convert in DIALECTS:
+        if detect(data):
+            data = convert(copy.deepcopy(data), source)
+            break
+    found = recipe_kind(data, source)
+    if kind and found != kind:
+        raise MergeplugError(f"{source}: kind: this is a {found} recipe, but a {kind} recipe was expected")
+    schema = load_schema(found)
+    lines = problems(data, schema, source=source)
+    if lines:
+        raise MergeplugError(*lines)
+    recipe = Recipe(found, with_defaults(data, schema), source)
+    lines = _COMPONENT_CHECKS[found](recipe, registry)
+    if lines:
+        raise MergeplugError(*lines)
+    return recipe
+
+
+def _resolve(recipe: Recipe, registry: Registry, kind: str, name: str, where: Sequence[str | int], out: list[str]):
+    try:
+        component = registry.get(kind, name)
+    except MergeplugError as exc:
+        out.append(f"{recipe.source}: {format_path(where)}: {exc}")
+        return None
+    recipe.components[format_path(where)] = component
+    return component
+
+
+def _is_schedule(value: Any, prop: dict) -> bool:
+    types = prop.get("type")
+    types = types if isinstance(types, list) else [types]
+    return isinstance(value, list) and "array" not in types
+
+
+def parameter_problems(values: dict, schema: dict, *, source: str, where: Sequence[str | int]) -> list[str]:
+    """Check ``values`` against a component's parameter ``schema``; any numeric value may be a schedule.
+
+    A schedule is a list of numbers (interpolated over layer depth) or a list of ``{filter, value}`` entries;
+    each number in it is checked against the parameter's own schema.
+    """
+    if not isinstance(values, dict):
+        return [f"{source}: {format_path(where)}: parameters must be a mapping, got {type(values).__name__}"]
+    props = schema.get("properties", {})
+    plain, scheduled, out = {}, set(), []
+    for key, value in values.items():
+        prop = props.get(key)
+        if prop is None or not _is_schedule(value, prop):
+            plain[key] = value
+            continue
+        scheduled.add(key)
+        if not value:
+            out.append(f"{source}: {format_path([*where, key])}: a schedule needs at least one value")
+        for i, entry in enumerate(value):
+            at = [*where, key, i]
+            if isinstance(entry, dict):
+                unknown = sorted(set(entry) - {"filter", "value"})
+                if unknown:
+                    out.append(f"{source}: {format_path(at)}: unknown field {unknown[0]!r} in a schedule entry; allowed: filter, value")
+                if "value" not in entry:
+                    out.append(f"{source}: {format_path(at)}: 'value' is required")
+                if "filter" in entry and not isinstance(entry["filter"], str):
+                    out.append(f"{source}: {format_path([*at, 'filter'])}: {entry['filter']!r} is not a string")
+                inner = entry.get("value")
+                items = [(j, v) for j, v in enumerate(inner)] if isinstance(inner, list) else [(None, inner)]
+                for j, v in items:
+                    if "value" in entry:
+                        path = [*at, "value"] + ([j] if j is not None else [])
+                        out += problems(v, {**schema, **prop}, source=source, prefix=path)
+            else:
+                out += problems(entry, {**schema, **prop}, source=source, prefix=at)
+    rest = {**schema, "required": [r for r in schema.get("required", []) if r not in scheduled]}
+    out += problems(plain, rest, source=source, prefix=where)
+    return out
+
+
+def _merge_checks(recipe: Recipe, registry: Registry) -> list[str]:
+    data, out = recipe.data, []
+    merger = _resolve(recipe, registry, "merger", data["method"], ["method"], out)
+    if merger is None:
+        return out
+    global_schema, model_schema = merger.parameters, merger.model_parameters
+    model_props = (model_schema or {}).get("properties", {})
+    # A per-model parameter given at the top level is every model's default (as mergekit allows).
+    both = {**global_schema, "properties": {**model_props, **global_schema.get("properties", {})}}
+    given = data.get("parameters", {})
+    out += parameter_problems(given, both, source=recipe.source, where=["parameters"])
+    if merger.extra.get("needs_base") and "base_model" not in data:
+        out.append(f"{recipe.source}: base_model: merger {merger.name!r} needs a base_model (it merges task vectors)")
+    for i, entry in enumerate(data["models"]):
+        own = entry.get("parameters", {})
+        if own and model_schema is None:
+            out.append(f"{recipe.source}: models[{i}].parameters: merger {merger.name!r} takes no per-model parameters")
+            continue
+        if model_schema is not None:
+            inherited = {k: v for k, v in given.items() if k in model_props}
+            out += parameter_problems({**inherited, **own}, model_schema, source=recipe.source, where=["models", i, "parameters"])
+    if out:
+        return out
+    data["parameters"] = with_defaults({k: v for k, v in given.items() if k in global_schema.get("properties", {})}, global_schema)
+    for entry in data["models"]:
+        inherited = {k: v for k, v in given.items() if k in model_props}
+        entry["parameters"] = with_defaults({**inherited, **entry.get("parameters", {})}, model_schema or {})
+    return out
+
+
+def _use(recipe: Recipe, registry: Registry, kind: str, where: list, out: list[str]) -> None:
+    """Check a ``componentUse`` field (a name, or {name, parameters}) and fill the component's defaults."""
+    value = recipe.data.get(where[0]) if len(where) == 1 else None
+    if value is None:
+        return
+    name = value if isinstance(value, str) else value["name"]
+    component = _resolve(recipe, registry, kind, name, where, out)
+    if component is None:
+        return
+    params = {} if isinstance(value, str) else value.get("parameters", {})
+    lines = parameter_problems(params, component.parameters, source=recipe.source, where=[*where, "parameters"])
+    out += lines
+    if not lines:
+        recipe.data[where[0]] = {"name": name, "parameters": with_defaults(params, component.parameters)}
+
+
+def _domains(recipe: Recipe, registry: Registry, out: list[str]) -> None:
+    value = recipe.data.get("domains")
+    names = [value] if isinstance(value, str) else list(value or [])
+    if names == ["all"]:
+        recipe.data["domains"] = registry.names("domain")
+        return
+    for i, name in enumerate(names):
+        where = ["domains"] if isinstance(value, str) else ["domains", i]
+        _resolve(recipe, registry, "domain", name, where, out)
+    recipe.data["domains"] = names
+
+
+def _finetune_checks(recipe: Recipe, registry: Registry) -> list[str]:
+    out: list[str] = []
+    _domains(recipe, registry, out)
+    finetuner = _resolve(recipe, registry, "finetuner", recipe.data["finetuner"], ["finetuner"], out)
+    if finetuner is not None:
+        params = recipe.data.get("parameters", {})
+        lines = parameter_problems(params, finetuner.parameters, source=recipe.source, where=["parameters"])
+        out += lines
+        if not lines:
+            recipe.data["parameters"] = with_defaults(params, finetuner.parameters)
+    return out
+
+
+def _evaluate_checks(recipe: Recipe, registry: Registry) -> list[str]:
+    out: list[str] = []
+    _domains(recipe, registry, out)
+    return out
+
+
+def _fuse_checks(recipe: Recipe, registry: Registry) -> list[str]:
+    out: list[str] = []
+    for kind, field_name in (("aligner", "aligner"), ("finetuner", "finetuner"), ("merger", "merger")):
+        _use(recipe, registry, kind, [field_name], out)
+    return out
+
+
+def _bench_checks(recipe: Recipe, registry: Registry) -> list[str]:
+    out: list[str] = []
+    _domains(recipe, registry, out)
+    _use(recipe, registry, "finetuner", ["finetuner"], out)
+    for i, entry in enumerate(recipe.data["mergers"]):
+        entry = {"name": entry} if isinstance(entry, str) else entry
+        recipe.data["mergers"][i] = entry
+        merger = _resolve(recipe, registry, "merger", entry["name"], ["mergers", i], out)
+        if merger is None:
+            continue
+        props = {**(merger.model_parameters or {}).get("properties", {}), **merger.parameters.get("properties", {})}
+        schema = {"type": "object", "properties": props, "additionalProperties": False}
+        out += parameter_problems(entry.get("parameters", {}), schema, source=recipe.source, where=["mergers", i, "parameters"])
+        for key, values in entry.get("grid", {}).items():
+            if key not in props:
+                out.append(f"{recipe.source}: {format_path(['mergers', i, 'grid', key])}: merger {merger.name!r} "
+                           f"has no parameter {key!r}; its parameters: {', '.join(sorted(props)) or 'none'}")
+                continue
+            for j, value in enumerate(values):
+                out += problems(value, props[key], source=recipe.source, prefix=["mergers", i, "grid", key, j])
+    return out
+
+
+_COMPONENT_CHECKS: dict[str, Callable[[Recipe, Registry], list[str]]] = {
+    "merge": _merge_checks,
+    "finetune": _finetune_checks,
+    "evaluate": _evaluate_checks,
+    "fuse": _fuse_checks,
+    "bench": _bench_checks,
+}
