@@ -32,7 +32,7 @@ class MergeplugGroup(click.Group):
 
 
 @click.group(cls=MergeplugGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, "--version", "-V", package_name="mergeplug", message="%(prog)s %(version)s")
+@click.version_option(__version__, "--version", "-V", package_name="mergeplug", message="mergeplug %(version)s")
 @click.pass_context
 def cli(ctx):
     """mergeplug: build, merge, fuse and evaluate domain-specialised LLMs.

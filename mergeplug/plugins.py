@@ -66,7 +66,17 @@ class Component:
         return None if source is None else _load_schema(source, self)
 
     def load(self) -> Any:
-        """The component object, importing a lazy ``"module:attr"`` target on first use."""
+        """The component object, importing a lazy ``"module:attr"`` target on first use.
+
+        A ``Path`` target is a data file (a domain's YAML), parsed and checked on first use.
+        """
+        if isinstance(self.target, Path):
+            from .domains import load_domain
+
+            if self.kind != "domain":
+                raise MergeplugError(f"{self.describe()}: only domains may be registered as a data file")
+            self.target = load_domain(self.target)
+            return self.target
         if not isinstance(self.target, str):
             return self.target
         module_name, _, attr = self.target.partition(":")
@@ -165,7 +175,7 @@ class Registry:
             if hook_name.startswith("_") or caller.has_spec():
                 continue
             for impl in caller.get_hookimpls():
-                if impl.hookimpl_opts.get("optionalhook"):
+                if impl.optionalhook:
                     continue
                 self._break(impl.plugin_name, f"implements unknown hook {hook_name!r} (see mergeplug.hookspecs)")
 
