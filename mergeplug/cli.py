@@ -148,6 +148,11 @@ def show_command(name, kind, as_json):
         click.echo(f"plugin: {c.plugin} ({c.distribution} {c.version})")
         if registry.conflict(c):
             click.echo(f"BROKEN: {registry.conflict(c)}")
+        if c.kind == "family":
+            click.echo(f"model types: {', '.join(c.extra.get('model_types', [])) or '(none)'}")
+            notes = getattr(c.load(), "notes", "")
+            if notes:
+                click.echo("notes:\n" + "\n".join(textwrap.wrap(notes, 96, initial_indent="  ", subsequent_indent="  ")))
         click.echo("parameters:")
         click.echo("\n".join(_describe_parameters(c.parameters)))
         if c.model_parameters is not None:
@@ -181,6 +186,25 @@ def new_plugin_command(kind, name, output):
 
     folder = write_plugin(kind, name, output)
     click.echo(f"wrote {folder}\nnext: pip install -e {folder} && mergeplug list --kind {kind}")
+
+
+# --- merging -----------------------------------------------------------------------------------------------
+@cli.command("merge")
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", "output", required=True, type=click.Path(), help="Folder to write the merged model to.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists (only once the new model is complete).")
+@click.option("--device", default="cpu", show_default=True,
+              help="Where to compute: cpu, cuda, cuda:N, mps, or auto (cuda when available).")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16", "fp32", "fp16", "bf16"]), default=None,
+              help="Output dtype (overrides the recipe's dtype; default: the base model's).")
+def merge_command(recipe, output, force, device, dtype):
+    """Merge the models of RECIPE (mergeplug or mergekit YAML) into OUTPUT, streaming tensor by tensor."""
+    from .engine import merge
+    from .recipe import load_recipe
+
+    checked = load_recipe(recipe, kind="merge")
+    out = merge(checked, output, force=force, device=device, dtype=dtype)
+    click.echo(f"wrote {out}")
 
 
 def main(argv=None):

@@ -11,6 +11,8 @@ import re
 import warnings
 from typing import ClassVar
 
+from .errors import ComponentConflictError, MergeplugError
+
 
 class ModelFamily:
     """Defaults that fit most decoder-only Hugging Face models (Llama-like names)."""
@@ -24,6 +26,8 @@ class ModelFamily:
     lm_head_names: ClassVar[tuple[str, ...]] = ("lm_head.weight",)
     #: Whether input and output embeddings are tied when config.json does not say.
     ties_embeddings_by_default: ClassVar[bool] = False
+    #: Whether input embeddings are multiplied by sqrt(hidden_size) in the forward pass (Gemma's normaliser).
+    scales_embeddings_by_sqrt_hidden: ClassVar[bool] = False
     #: Known quirks, shown by ``mergeplug show`` and in warnings.
     notes: ClassVar[str] = ""
 
@@ -58,8 +62,18 @@ class ModelFamily:
         return int(value) if value is not None else None
 
     def embedding_scale(self, config: dict) -> float | None:
-        """A factor the model multiplies its input embeddings by (Gemma: sqrt(hidden_size)); None if none."""
-        return None
+        """The exact factor the model multiplies its input embeddings by (Gemma: sqrt(hidden_size), which
+        transformers casts to the weights' dtype before use); None when the family does not scale them."""
+        if not self.scales_embeddings_by_sqrt_hidden:
+            return None
+        hidden_size = self.text_config(config).get("hidden_size")
+        if not isinstance(hidden_size, int) or hidden_size <= 0:
+            raise MergeplugError(
+                f"config.json of a {self.name} model has hidden_size {hidden_size!r} (in text_config for multimodal "
+                "checkpoints); a positive integer is needed to compute its embedding scale sqrt(hidden_size): "
+                "fix or complete config.json"
+            )
+        return float(hidden_size) ** 0.5
 
     def chat_template(self) -> str | None:
         """A chat template to use when the tokenizer ships none."""
@@ -72,9 +86,18 @@ def family_for(config: dict, registry=None, *, source: str = "model") -> ModelFa
 
     registry = registry or get_registry()
     model_type = config.get("model_type")
-    for component in registry.components("family"):
-        if model_type in component.extra.get("model_types", ()) and not registry.conflict(component):
-            return component.load()
+    claims = [c for c in registry.components("family") if model_type in c.extra.get("model_types", ())]
+    if len(claims) > 1:
+        who = " and ".join(f"{c.name} from {c.distribution} {c.version} (plugin {c.plugin})" for c in claims)
+        raise ComponentConflictError(
+            f"{source}: model_type {model_type!r} is claimed by families {who}; disable one with "
+            f"MERGEPLUG_DISABLE={claims[-1].plugin}"
+        )
+    if claims:
+        problem = registry.conflict(claims[0])
+        if problem:
+            raise ComponentConflictError(problem)
+        return claims[0].load()
     warnings.warn(
         f"{source}: no model family plugin knows model_type {model_type!r}; using the generic family "
         f"(layer index from '.layers.N.', embeddings {ModelFamily.embedding_names[0]})",

@@ -162,3 +162,20 @@ def test_in_process_plugins_go_through_the_same_path():
     registry = Registry(entry_points=[], plugins=[("inline", merger_plugin("inline_merge"))])
     c = registry.get("merger", "inline_merge")
     assert (c.plugin, c.distribution) == ("inline", "<in-process>")
+
+
+def test_two_families_claiming_one_model_type_is_a_conflict():
+    from mergeplug.families import ModelFamily, family_for
+
+    def family_plugin(name):
+        class Plugin:
+            @hookimpl
+            def register_families(self, register):
+                register(name, ModelFamily(), description=name, model_types=["llama"])
+        return Plugin()
+
+    registry = Registry(entry_points=[FakeEntryPoint("one", family_plugin("llama")),
+                                      FakeEntryPoint("two", family_plugin("llama_fast"), dist="fast-dist")])
+    with pytest.raises(ComponentConflictError) as info:
+        family_for({"model_type": "llama"}, registry, source="models[0]")
+    assert "model_type 'llama' is claimed by families llama from acme-plugins 1.2.3 (plugin one) and llama_fast" in str(info.value)
