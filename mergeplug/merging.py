@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 
@@ -68,7 +68,7 @@ class Merger:
     """
 
     needs_base: ClassVar[bool] = True
-    prepasses: ClassVar[int] = 0
+    prepasses: int = 0  # an instance may set it from its parameters (e.g. TIES' trim_scope)
 
     def __init__(self, parameters: dict[str, Any] | None = None):
         self.parameters = dict(parameters or {})
@@ -96,7 +96,8 @@ def weighted_sum(tensors: list[torch.Tensor], weights: torch.Tensor) -> torch.Te
 def topk_mask(t: torch.Tensor, density: float) -> torch.Tensor:
     """Boolean mask of the ``density`` fraction of entries of ``t`` with the largest magnitude.
 
-    density 1 keeps everything, 0 nothing; ties at the threshold are broken by position (exactly k kept).
+    density 1 keeps everything, 0 nothing; exactly round(density·n) entries are kept, and which of several
+    equal magnitudes at the threshold is kept is up to torch.topk.
     """
     n = t.numel()
     k = int(round(density * n))
@@ -117,37 +118,32 @@ def magnitude_threshold_mask(t: torch.Tensor, threshold: float) -> torch.Tensor:
 
 
 def elect_sign(task_vectors: list[torch.Tensor], method: str = "sum") -> torch.Tensor:
-    """TIES sign election (Yadav et al., arXiv:2306.01708): the sign of Σ τ_i ("sum", the paper's), or the
-    sign held by more models ("count"). Zero where the vote is tied at zero."""
-    if method == "sum":
-        total = torch.zeros_like(task_vectors[0])
-        for tv in task_vectors:
-            total.add_(tv)
-        return torch.sign(total)
-    if method == "count":
-        total = torch.zeros_like(task_vectors[0])
-        for tv in task_vectors:
-            total.add_(torch.sign(tv))
-        return torch.sign(total)
-    raise MergeplugError(f"unknown sign election method {method!r}; known: sum, count")
+    """TIES sign election (Yadav et al., arXiv:2306.01708) with one equal vote per model: the sign of Σ τ_i
+    ("sum", the paper's), or the sign held by more models ("count"). Zero where the vote is tied at zero."""
+    ones = torch.ones(len(task_vectors), dtype=task_vectors[0].dtype)
+    return weighted_sign_election(task_vectors, ones, method)
 
 
 def disjoint_merge(task_vectors: list[torch.Tensor], weights: torch.Tensor, sign: torch.Tensor,
                    normalize: bool = True) -> torch.Tensor:
-    """Combine the entries that agree with ``sign`` (TIES' disjoint merge).
+    """Combine the entries that agree with ``sign`` (TIES' disjoint merge, arXiv:2306.01708).
 
     normalize=True divides each position by the summed weight of the models that agree there (the TIES
-    paper's disjoint mean); False returns the weighted disjoint sum (MergeBench's variant).
+    paper's disjoint mean); False returns the weighted disjoint sum (MergeBench's variant, arXiv:2505.10833).
+    Positions where no model agrees (or the vote tied) give 0.
     """
+    # τ·γ > 0 is "non-zero and agrees with the elected sign" in one comparison: about 2x fewer passes over
+    # memory than testing sign equality and non-zero separately.
     out = torch.zeros_like(task_vectors[0])
     norm = torch.zeros_like(task_vectors[0]) if normalize else None
     for tv, w in zip(task_vectors, weights.tolist()):
-        agree = (torch.sign(tv) == sign) & (tv != 0)
-        out.add_(torch.where(agree, tv, torch.zeros_like(tv)), alpha=w)
+        agree = torch.mul(tv, sign) > 0
+        out.addcmul_(tv, agree, value=w)
         if norm is not None:
-            norm.add_(agree.to(norm.dtype), alpha=w)
+            norm.add_(agree, alpha=w)
     if norm is not None:
-        out = torch.where(norm.abs() > 0, out / norm.where(norm.abs() > 0, torch.ones_like(norm)), torch.zeros_like(out))
+        empty = norm == 0
+        out.masked_fill_(empty, 0.0).div_(norm.masked_fill_(empty, 1.0))
     return out
 
 
@@ -237,3 +233,169 @@ class GlobalMagnitudeThreshold:
         frac = 1.0 - need / in_bin  # interpolate in log space from the bin's lower edge
         width = (self.HIGH - self.LOW) / self.BINS
         return float(2.0 ** (self.LOW + (self._bin + frac) * width))
+
+
+# --- shared by the TIES / DARE / Breadcrumbs / DELLA family --------------------------------------------------
+def task_vector(inputs: TensorInputs, model_index: int) -> torch.Tensor:
+    """τ_i = θ_i − θ_base for one model (Ilharco et al., arXiv:2212.04089), so a merger can hold one task
+    vector at a time instead of the N that :meth:`TensorInputs.task_vectors` builds."""
+    if inputs.base is None:
+        raise MergeplugError(f"{inputs.name}: this merger needs a base_model to take task vectors against")
+    return inputs.models[model_index] - inputs.base
+
+
+def weighted_sign_election(task_vectors: list[torch.Tensor], weights: torch.Tensor, method: str = "sum") -> torch.Tensor:
+    """TIES sign election (arXiv:2306.01708) on the weighted task vectors w_i·τ_i.
+
+    "sum" (the paper's): sign(Σ_i w_i τ_i); "count": sign(Σ_i sign(w_i τ_i)), one vote per model that has a
+    non-zero weight. With unit weights this is :func:`elect_sign`; weighting the vote (as mergekit does) keeps a
+    model of weight 0 from voting. Zero where the vote is tied. Weights are expected to be >= 0.
+    """
+    total = torch.zeros_like(task_vectors[0])
+    if method == "sum":
+        for tv, w in zip(task_vectors, weights.tolist()):
+            total.add_(tv, alpha=w)
+    elif method == "count":
+        for tv, w in zip(task_vectors, weights.tolist()):
+            if w != 0:
+                total.add_(torch.sign(tv), alpha=1.0 if w > 0 else -1.0)
+    else:
+        raise MergeplugError(f"unknown sign election method {method!r}; known: sum, count")
+    return torch.sign(total)
+
+
+def ties_merge(task_vectors: list[torch.Tensor], weights: torch.Tensor, *, sign_method: str = "sum",
+               normalize: bool = True) -> torch.Tensor:
+    """Elect a sign per position, then combine only the entries that agree with it (TIES, arXiv:2306.01708).
+
+    normalize=True: the paper's disjoint mean, Σ_{i agrees} w_i τ_i / Σ_{i agrees} w_i; False: the disjoint sum
+    Σ_{i agrees} w_i τ_i (MergeBench, arXiv:2505.10833). Positions where the vote ties give 0.
+    """
+    sign = weighted_sign_election(task_vectors, weights, sign_method)
+    return disjoint_merge(task_vectors, weights, sign, normalize)
+
+
+def breadcrumbs_mask(t: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Model Breadcrumbs' mask (Davari & Belilovsky, arXiv:2312.06795) over one tensor.
+
+    Drops the ``gamma`` fraction of entries with the largest magnitude (outliers) and keeps the next ``density``
+    fraction; the smallest entries are dropped too. ``density`` is the fraction kept in the end: when
+    gamma + density > 1 fewer outliers are dropped, as in mergekit's ``magnitude_outliers``. Counts are rounded
+    like :func:`topk_mask`, so exactly round(density·n) entries are kept.
+    """
+    n = t.numel()
+    n_keep = min(max(int(round(density * n)), 0), n)
+    n_top = min(max(int(round(gamma * n)), 0), n - n_keep)
+    n_bottom = n - n_keep - n_top
+    if n_keep == 0:
+        return torch.zeros_like(t, dtype=torch.bool)
+    if n_top == 0 and n_bottom == 0:
+        return torch.ones_like(t, dtype=torch.bool)
+    magnitude = t.abs().flatten()
+    top = torch.topk(magnitude, n_top, sorted=False).indices if n_top else None
+    # Select whichever of the kept and the dropped-small sets is smaller: topk's cost grows with k.
+    if n_keep <= n_bottom:
+        if top is not None:
+            magnitude[top] = -float("inf")
+        mask = torch.zeros(n, dtype=torch.bool, device=t.device)
+        mask[torch.topk(magnitude, n_keep, sorted=False).indices] = True
+    else:
+        mask = torch.ones(n, dtype=torch.bool, device=t.device)
+        if top is not None:
+            magnitude[top] = float("inf")
+            mask[top] = False
+        if n_bottom:
+            mask[torch.topk(magnitude, n_bottom, largest=False, sorted=False).indices] = False
+    return mask.view_as(t)
+
+
+def check_magprune(density: float, epsilon: float, where: str) -> None:
+    """MAGPRUNE's keep probabilities density ± epsilon/2 must lie in (0, 1] (arXiv:2406.11617)."""
+    if 0.0 < density < 1.0 and not (density - epsilon / 2 > 0.0 and density + epsilon / 2 <= 1.0):
+        raise MergeplugError(
+            f"{where}: density {density} with epsilon {epsilon} gives keep probabilities from "
+            f"{density - epsilon / 2:g} to {density + epsilon / 2:g}; choose epsilon < 2·density and "
+            f"epsilon <= 2·(1 − density)"
+        )
+
+
+def magprune_keep_probabilities(t: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """DELLA's MAGPRUNE keep probabilities (Deep et al., arXiv:2406.11617), same shape as ``t``.
+
+    Within each row (the last dimension; a 1-D tensor is one row) entries are ranked by magnitude, r = 0 for
+    the smallest to n − 1 for the largest, and kept with probability density − ε/2 + ε·r/(n − 1): a window of
+    width ε centred on ``density``, so a row keeps ``density`` of its entries on average. This is the paper's ε
+    (the official code's ``window_size``); mergekit's ``epsilon`` is half of it. A row of one entry gets
+    ``density``. Probabilities are at least float32: ranks past 256 do not fit a bfloat16.
+    """
+    dtype = torch.promote_types(t.dtype, torch.float32)
+    rows = t.reshape(-1, t.shape[-1]) if t.dim() > 0 else t.reshape(1, 1)
+    n = rows.shape[-1]
+    if n < 2:
+        return torch.full(t.shape, density, dtype=dtype, device=t.device)
+    order = torch.argsort(rows.abs(), dim=-1, stable=True)
+    positions = torch.arange(n, device=t.device, dtype=dtype).expand_as(rows)
+    ranks = torch.empty(rows.shape, dtype=dtype, device=t.device).scatter_(-1, order, positions)
+    return (ranks.mul_(epsilon / (n - 1)).add_(density - epsilon / 2)).view(t.shape)
+
+
+def magprune(t: torch.Tensor, density: float, epsilon: float, generator: torch.Generator, rescale: bool = True,
+             where: str = "magprune") -> torch.Tensor:
+    """DELLA's MAGPRUNE (arXiv:2406.11617): keep each entry with its rank-based probability p_i
+    (:func:`magprune_keep_probabilities`) and divide the kept ones by p_i, so the expectation is unchanged.
+
+    density 1 keeps everything and 0 nothing, whatever ε; ε = 0 is DARE (:func:`bernoulli_keep`).
+    """
+    if density >= 1.0:
+        return t.clone()
+    if density <= 0.0:
+        return torch.zeros_like(t)
+    check_magprune(density, epsilon, where)
+    probs = magprune_keep_probabilities(t, density, epsilon)
+    keep = torch.rand(t.shape, generator=generator, device=t.device) < probs
+    out = torch.where(keep, t, torch.zeros_like(t))
+    return out.div_(probs) if rescale else out
+
+
+def model_label(inputs: TensorInputs, model_index: int) -> str:
+    """``models[i] (name)`` for error messages."""
+    names = inputs.model_names
+    return f"models[{model_index}] ({names[model_index]})" if model_index < len(names) else f"models[{model_index}]"
+
+
+#: ``sparsify(model_index, τ_i) -> τ̂_i``: a method's per-model pruning step (trim, DARE, breadcrumbs, MAGPRUNE).
+#: τ_i is a fresh tensor the sparsifier may overwrite in place.
+Sparsifier = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+def summed_task_vectors(inputs: TensorInputs, sparsify: Sparsifier | None = None, *,
+                        normalize: bool = False) -> torch.Tensor:
+    """Σ_i w_i τ̂_i with τ̂_i = sparsify(i, τ_i) and w_i the per-model ``weight``: task arithmetic
+    (arXiv:2212.04089) over pruned task vectors, one task vector alive at a time.
+
+    normalize=True divides by Σ_i w_i, so weights are relative (mergekit's ``normalize`` of these methods).
+    """
+    weights = inputs.weights("weight").tolist()
+    total = torch.zeros_like(inputs.models[0])
+    for i, w in enumerate(weights):
+        tv = task_vector(inputs, i)
+        total.add_(sparsify(i, tv) if sparsify else tv, alpha=w)
+    if normalize:
+        if sum(weights) == 0:
+            raise MergeplugError(f"{inputs.name}: normalize=true needs per-model weights that do not sum to 0")
+        total.div_(sum(weights))
+    return total
+
+
+def ties_task_vectors(inputs: TensorInputs, sparsify: Sparsifier | None = None, *, sign_method: str = "sum",
+                      normalize: bool = True) -> torch.Tensor:
+    """:func:`ties_merge` of the pruned task vectors τ̂_i = sparsify(i, τ_i), weighted by ``weight``.
+
+    Election needs every τ̂_i before any can be combined, so this holds N pruned task vectors (never a
+    stacked copy of them).
+    """
+    pruned = []
+    for i in range(len(inputs.models)):
+        tv = task_vector(inputs, i)
+        pruned.append(sparsify(i, tv) if sparsify else tv)
+    return ties_merge(pruned, inputs.weights("weight"), sign_method=sign_method, normalize=normalize)

@@ -274,3 +274,9 @@ _COMPONENT_CHECKS: dict[str, Callable[[Recipe, Registry], list[str]]] = {
     "fuse": _fuse_checks,
     "bench": _bench_checks,
 }
+
+
+# --- dialects ----------------------------------------------------------------------------------------------
+from .mergekit import convert_mergekit, is_mergekit  # noqa: E402 - registers into DIALECTS, defined above
+
+DIALECTS.append((is_mergekit, convert_mergekit))

@@ -1,0 +1,496 @@
+"""The merge run: stream N checkpoints tensor by tensor through a merger into a new checkpoint.
+
+``merge(recipe, out)`` does, in order, and stops at the first problem with one line naming the model and
+tensor:
+
+1. checks the recipe (schema, merger, parameters) before touching any model, and refuses an existing ``out``
+   unless ``force``;
+2. opens every checkpoint lazily (``config.json`` and safetensors headers only) and checks, before reading a
+   single weight, that all share the reference's architecture (``model_type``, ``architectures``) and its
+   tensor names and shapes; the reference is ``base_model``, or ``models[0]`` when there is none;
+3. for each merger pre-pass, streams every tensor through ``merger.observe``, then ``finish_observing``;
+4. streams every tensor: reads it from each input, converts it to ``compute_dtype`` on the device, resolves
+   the per-tensor parameters (:mod:`mergeplug.schedule`), calls ``merger.merge``, casts the result to the
+   output dtype and appends it to the current shard (:class:`~mergeplug.checkpoint.ShardedWriter`); peak
+   memory is a few tensors times the number of inputs, never a whole model;
+5. writes ``config.json``, ``generation_config.json``, the tokenizer files of ``tokenizer_source`` and a
+   model card into a temporary folder beside ``out`` and renames it into place. An existing ``out`` is
+   replaced only then; an error or Ctrl-C leaves ``out`` as it was and removes the temporary folder.
+
+Vocabulary policy (embedding and ``lm_head`` rows, identified by the model family): with ``vocab_policy:
+extend`` (the default) the output has as many rows as the tokenizer source's; rows present in the reference
+(up to that count) are merged, a model with fewer rows than the reference contributes the reference's rows
+there (a zero task vector), and rows beyond the reference's come unchanged from the tokenizer source. With
+``vocab_policy: error`` any difference in row count stops the merge. ``config.json``'s ``vocab_size``
+follows the output's rows.
+
+Tied embeddings: when the reference has no ``lm_head.weight`` (its config ties it to the embeddings) none is
+written and a model's own ``lm_head`` is ignored, with a warning; when the reference has one, a model
+without it (a tied model) contributes its embedding matrix, which is what its output layer computes with.
+
+Embeddings policy: ``embeddings: merge`` (the default) merges embeddings and ``lm_head`` like any tensor;
+``embeddings: base`` keeps them at the base model's values, as MergeBench does for every task-vector
+method (arXiv:2505.10833; uiuctml/MergeBench), which also sidesteps vocabulary mismatches.
+
+Randomised mergers draw from ``TensorInputs.generator``, seeded from the recipe's ``seed`` and the tensor
+name: the same recipe and seed give byte-identical files.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import sys
+import tempfile
+import uuid
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import (
+    Checkpoint, ShardedWriter, TensorInfo, copy_tokenizer_files, dtype_name, is_hub_id, parse_size, resolve_model, torch_dtype,
+)
+from .errors import MergeplugError
+from .schedule import depth, resolve_parameters
+
+_FLOAT_DTYPES = {"float64", "float32", "float16", "bfloat16"}
+
+
+@dataclass
+class MergeInput:
+    """One input checkpoint of the merge and its unresolved per-model parameters."""
+
+    label: str  # "base" or "models[i]"
+    ref: str
+    checkpoint: Checkpoint
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def where(self) -> str:
+        return f"{self.label} ({self.ref})"
+
+
+@dataclass
+class TensorPlan:
+    """What the engine does for one output tensor, decided before any weight is read."""
+
+    name: str
+    shape: tuple[int, ...]  # output shape
+    dtype: str  # output dtype
+    action: str  # "merge": through the merger; "base": the base's value; "copy": the reference's (non-float)
+    sources: list[str | None]  # per input (base first, if any): the tensor name to read there
+    layer: int | None = None
+    t: float = 1.0
+    merge_rows: int | None = None  # for vocabulary tensors: rows merged; rows beyond come from the tokenizer source
+
+    @property
+    def nbytes(self) -> int:
+        return TensorInfo(self.name, self.shape, self.dtype, Path()).nbytes
+
+
+@dataclass
+class MergePlan:
+    """Everything :func:`run_merge` needs: the merger, the opened inputs and one plan per output tensor."""
+
+    recipe: Any
+    merger_name: str
+    merger: Any
+    global_schema: dict
+    model_schema: dict | None
+    base: MergeInput | None
+    models: list[MergeInput]
+    reference: MergeInput
+    tokenizer_source: MergeInput
+    family: Any
+    tensors: list[TensorPlan]
+    config: dict
+    device: str
+    compute_dtype: str
+    seed: int
+    max_shard_bytes: int
+
+    @property
+    def inputs(self) -> list[MergeInput]:
+        return ([self.base] if self.base else []) + self.models
+
+
+# --- entry points ------------------------------------------------------------------------------------------
+def merge(recipe, out: str | Path, *, force: bool = False, device: str | None = "cpu", dtype: str | None = None,
+          progress: bool | None = None, registry=None) -> Path:
+    """Run a merge recipe (a path, or a checked :class:`~mergeplug.recipe.Recipe`) into folder ``out``."""
+    from .recipe import Recipe, load_recipe
+
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe, registry=registry, kind="merge")
+    elif recipe.kind != "merge":
+        raise MergeplugError(f"{recipe.source}: kind: this is a {recipe.kind} recipe, but a merge recipe was expected")
+    out = Path(out)
+    check_output(out, force)
+    plan = plan_merge(recipe, device=device, dtype=dtype, registry=registry)
+    return run_merge(plan, out, force=force, progress=progress)
+
+
+def check_output(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise MergeplugError(f"{out}: already exists; pass --force to replace it (replaced only once the new merge is complete)")
+    if out.exists() and not out.is_dir():
+        raise MergeplugError(f"{out}: exists and is not a folder; remove it or choose another output")
+
+
+def resolve_device(device: str | None) -> str:
+    """``auto``/None -> cuda when available, else cpu; a clear error for cuda or mps without one."""
+    import torch
+
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise MergeplugError(f"--device {device}: no CUDA GPU is available to torch; use --device cpu or auto")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise MergeplugError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif device == "mps" and not torch.backends.mps.is_available():
+        raise MergeplugError("--device mps: the MPS backend is not available; use --device cpu")
+    elif device not in ("cpu", "mps"):
+        raise MergeplugError(f"--device {device}: use cpu, cuda, cuda:N, mps or auto")
+    return device
+
+
+# --- planning ----------------------------------------------------------------------------------------------
+def plan_merge(recipe, *, device: str | None = "cpu", dtype: str | None = None, registry=None) -> MergePlan:
+    """Open the inputs lazily and check them against each other; reads headers and configs, no weights."""
+    from .families import family_for
+
+    data, source = recipe.data, recipe.source
+    component = recipe.components["method"]
+    merger_cls = component.load()
+    merger = merger_cls(data["parameters"])
+    if getattr(merger, "needs_base", True) and "base_model" not in data:
+        raise MergeplugError(f"{source}: base_model: merger {component.name!r} needs a base_model (it merges task vectors)")
+    device = resolve_device(device)
+    embeddings = data.get("embeddings", "merge")
+    if embeddings == "base" and "base_model" not in data:
+        raise MergeplugError(f"{source}: embeddings: 'base' keeps the base model's embeddings and needs a base_model")
+
+    relative_to = recipe.path.parent if recipe.path else None
+    trust = bool(data.get("trust_remote_code", False))
+
+    def open_input(label: str, ref: str, parameters: dict) -> MergeInput:
+        folder = resolve_model(ref, label=label, trust_remote_code=trust, relative_to=relative_to)
+        return MergeInput(label, ref, Checkpoint(folder, label=label, ref=ref), parameters)
+
+    base = open_input("base", data["base_model"], {}) if "base_model" in data else None
+    models = [open_input(f"models[{i}]", m["model"], m.get("parameters", {})) for i, m in enumerate(data["models"])]
+    reference = base or models[0]
+    inputs = ([base] if base else []) + models
+
+    _check_architectures(reference, inputs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        family = family_for(reference.checkpoint.config, registry, source=reference.where)
+    tokenizer_source = _tokenizer_source(data.get("tokenizer_source", "base"), base, models, source)
+    out_dtype = dtype_name(dtype or data.get("dtype") or _config_dtype(family, reference.checkpoint.config) or "") or None
+    if out_dtype is not None:
+        torch_dtype(out_dtype)  # a clear error for an unknown name
+    tensors, vocab_rows = _plan_tensors(reference, inputs, tokenizer_source, family, out_dtype,
+                                        data.get("vocab_policy", "extend"), embeddings)
+    config = _output_config(reference.checkpoint.config, family, out_dtype, vocab_rows)
+    return MergePlan(
+        recipe=recipe, merger_name=component.name, merger=merger, global_schema=component.parameters,
+        model_schema=component.model_parameters, base=base, models=models, reference=reference,
+        tokenizer_source=tokenizer_source, family=family, tensors=tensors, config=config, device=device,
+        compute_dtype=dtype_name(data.get("compute_dtype", "float32")), seed=int(data.get("seed", 0)),
+        max_shard_bytes=parse_size(data.get("shard_size", "5GB")),
+    )
+
+
+def _check_architectures(reference: MergeInput, inputs: list[MergeInput]) -> None:
+    ref_config = reference.checkpoint.config
+    for inp in inputs:
+        if inp is reference:
+            continue
+        config = inp.checkpoint.config
+        for key in ("model_type", "architectures"):
+            if key in ref_config and key in config and config[key] != ref_config[key]:
+                raise MergeplugError(
+                    f"{inp.where}: config.json {key} is {config[key]!r}, {reference.label} has {ref_config[key]!r}; "
+                    f"models merged in parameter space must share one architecture"
+                )
+
+
+def _tokenizer_source(value: str, base: MergeInput | None, models: list[MergeInput], source: str) -> MergeInput:
+    if value == "base":
+        return base or models[0]
+    candidates = ([base] if base else []) + models
+    for inp in candidates:
+        if value in (inp.ref, inp.label):
+            return inp
+    known = ", ".join(["base"] + [repr(i.ref) for i in candidates])
+    raise MergeplugError(f"{source}: tokenizer_source: {value!r} is neither 'base' nor one of the recipe's models ({known})")
+
+
+def _config_dtype(family, config: dict) -> str | None:
+    text = family.text_config(config)
+    for key in ("dtype", "torch_dtype"):
+        for where in (config, text):
+            value = where.get(key)
+            if isinstance(value, str) and dtype_name(value) in _FLOAT_DTYPES:
+                return value
+    return None
+
+
+def _plan_tensors(reference: MergeInput, inputs: list[MergeInput], tokenizer_source: MergeInput, family,
+                  out_dtype: str | None, vocab_policy: str, embeddings: str) -> tuple[list[TensorPlan], int | None]:
+    ref_tensors = reference.checkpoint.tensors
+    is_vocab = lambda name: family.is_embedding(name) or family.is_lm_head(name)  # noqa: E731
+    embedding_name = next((n for n in family.embedding_names if n in ref_tensors), None)
+    sources: dict[str, list[str | None]] = {name: [] for name in ref_tensors}
+    for inp in inputs:
+        tensors = inp.checkpoint.tensors
+        for name, info in ref_tensors.items():
+            own = name
+            if name not in tensors:
+                tied = next((n for n in family.embedding_names if n in tensors), None)
+                if family.is_lm_head(name) and tied is not None:
+                    own = tied  # a tied model's output layer is its embedding matrix
+                else:
+                    raise MergeplugError(f"{inp.where}: has no tensor {name}, which {reference.label} has")
+            theirs = tensors[own]
+            if theirs.shape != info.shape:
+                vocab_only = (is_vocab(name) and len(theirs.shape) == len(info.shape) and len(info.shape) >= 1
+                              and theirs.shape[1:] == info.shape[1:])
+                if not vocab_only:
+                    raise MergeplugError(f"{inp.where}: tensor {name} has shape {list(theirs.shape)}, "
+                                         f"{reference.label} has {list(info.shape)}")
+                if vocab_policy == "error":
+                    raise MergeplugError(
+                        f"{inp.where}: tensor {name} has {theirs.shape[0]} rows, {reference.label} has {info.shape[0]}; "
+                        f"vocab_policy is error (use vocab_policy: extend to merge the shared rows)"
+                    )
+            sources[name].append(own)
+        for name in tensors:
+            if name in ref_tensors:
+                continue
+            if family.is_lm_head(name) and embedding_name is not None:
+                warnings.warn(f"{inp.where}: has its own {name}, but {reference.label} ties it to {embedding_name}; "
+                              f"the merged model is tied like {reference.label}, so {name} is ignored", stacklevel=4)
+                continue
+            raise MergeplugError(f"{inp.where}: tensor {name} is not in {reference.label}")
+
+    num_layers = family.num_layers(reference.checkpoint.config)
+    tok_index = inputs.index(tokenizer_source)
+    plans, vocab_rows = [], None
+    for name in reference.checkpoint.read_order():
+        info = ref_tensors[name]
+        floating = info.dtype in _FLOAT_DTYPES
+        shape, merge_rows = info.shape, None
+        if is_vocab(name):
+            out_rows = tokenizer_source.checkpoint.tensors[sources[name][tok_index]].shape[0]
+            merge_rows = min(out_rows, info.shape[0])
+            shape = (out_rows, *info.shape[1:])
+            vocab_rows = out_rows
+        action = "merge" if floating else "copy"
+        if floating and embeddings == "base" and is_vocab(name):
+            action = "base"
+        layer = family.layer_index(name)
+        plans.append(TensorPlan(
+            name=name, shape=shape, dtype=(out_dtype if floating and out_dtype else info.dtype), action=action,
+            sources=sources[name], layer=layer, t=depth(layer, num_layers, before_blocks=family.is_embedding(name)),
+            merge_rows=merge_rows,
+        ))
+    return plans, vocab_rows
+
+
+def _output_config(config: dict, family, out_dtype: str | None, vocab_rows: int | None) -> dict:
+    config = copy.deepcopy(config)
+    text = family.text_config(config)
+    if out_dtype is not None:
+        for where in {id(config): config, id(text): text}.values():
+            if "torch_dtype" in where:
+                where["torch_dtype"] = out_dtype
+            if "dtype" in where or where is config:
+                where["dtype"] = out_dtype
+    if vocab_rows is not None and text.get("vocab_size") not in (None, vocab_rows):
+        text["vocab_size"] = vocab_rows
+    return config
+
+
+# --- running -----------------------------------------------------------------------------------------------
+def run_merge(plan: MergePlan, out: str | Path, *, force: bool = False, progress: bool | None = None) -> Path:
+    """Stream the merge into a temporary folder beside ``out`` and rename it into place."""
+    out = Path(out)
+    check_output(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the model folder should not be
+    writer = None
+    try:
+        writer = ShardedWriter(tmp, [(t.name, t.shape, t.dtype) for t in plan.tensors], plan.max_shard_bytes,
+                               metadata={"merged_by": "mergeplug", "merge_method": plan.merger_name})
+        by_name = {t.name: t for t in plan.tensors}
+        for pass_index in range(int(getattr(plan.merger, "prepasses", 0) or 0)):
+            with _bar(plan, f"observe {pass_index + 1}", progress) as bar:
+                for tensor in plan.tensors:
+                    if tensor.action == "merge":
+                        plan.merger.observe(_inputs(plan, tensor), pass_index)
+                    bar.update(tensor.nbytes)
+            plan.merger.finish_observing(pass_index)
+        with _bar(plan, "merge", progress) as bar:
+            for name in writer.order:
+                tensor = by_name[name]
+                writer.write(name, _output_tensor(plan, tensor))
+                bar.update(tensor.nbytes)
+        writer.close()
+        _write_metadata(plan, tmp)
+        _move_into_place(tmp, out)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _bar(plan: MergePlan, desc: str, progress: bool | None):
+    from tqdm.auto import tqdm
+
+    disable = (not sys.stderr.isatty()) if progress is None else not progress
+    total = sum(t.nbytes for t in plan.tensors)
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=disable, leave=False)
+
+
+def _inputs(plan: MergePlan, tensor: TensorPlan):
+    from .merging import TensorInputs
+
+    inputs = plan.inputs
+    offset = 1 if plan.base else 0
+    rows = tensor.merge_rows
+    loaded = [_read_source(plan, inp, tensor, i, rows) for i, inp in enumerate(inputs)]
+    return TensorInputs(
+        name=tensor.name,
+        base=loaded[0] if plan.base else None,
+        models=loaded[offset:],
+        parameters=resolve_parameters(plan.merger.parameters, plan.global_schema, tensor.name, tensor.t),
+        model_parameters=[resolve_parameters(m.parameters, plan.model_schema, tensor.name, tensor.t) for m in plan.models],
+        layer=tensor.layer,
+        num_layers=plan.family.num_layers(plan.reference.checkpoint.config),
+        seed=plan.seed,
+        model_names=[m.ref for m in plan.models],
+    )
+
+
+def _read_source(plan: MergePlan, inp: MergeInput, tensor: TensorPlan, index: int, rows: int | None):
+    import torch
+
+    data = inp.checkpoint.get(tensor.sources[index])
+    if rows is not None and data.shape[0] != rows:
+        if data.shape[0] > rows:
+            data = data[:rows]
+        else:  # fewer rows than the reference: the reference's own rows stand in (a zero task vector)
+            ref_index = plan.inputs.index(plan.reference)
+            ref = plan.reference.checkpoint.get(tensor.sources[ref_index])
+            data = torch.cat([data, ref[data.shape[0]:rows].to(data.dtype)])
+    return data.to(plan.device).to(torch_dtype(plan.compute_dtype))
+
+
+def _output_tensor(plan: MergePlan, tensor: TensorPlan):
+    import torch
+
+    out_dtype = torch_dtype(tensor.dtype)
+    ref_index = plan.inputs.index(plan.reference)
+    if tensor.action == "copy":
+        return plan.reference.checkpoint.get(tensor.sources[ref_index])
+    if tensor.action == "base":
+        merged = _read_source(plan, plan.base, tensor, 0, tensor.merge_rows)
+    else:
+        inputs = _inputs(plan, tensor)
+        try:
+            merged = plan.merger.merge(inputs)
+        except MergeplugError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a plugin's bug, reported with the tensor it failed on
+            raise MergeplugError(f"merger {plan.merger_name!r} failed on tensor {tensor.name}: "
+                                 f"{type(exc).__name__}: {exc}") from exc
+        expected = tuple(inputs.models[0].shape)
+        if not isinstance(merged, torch.Tensor) or tuple(merged.shape) != expected:
+            got = list(merged.shape) if isinstance(merged, torch.Tensor) else type(merged).__name__
+            raise MergeplugError(f"merger {plan.merger_name!r} returned {got} for tensor {tensor.name}, "
+                                 f"expected shape {list(expected)}")
+        del inputs
+    if tensor.merge_rows is not None and tensor.shape[0] > tensor.merge_rows:
+        tok_index = plan.inputs.index(plan.tokenizer_source)
+        extra = plan.tokenizer_source.checkpoint.get(tensor.sources[tok_index])[tensor.merge_rows:tensor.shape[0]]
+        merged = torch.cat([merged, extra.to(merged.device).to(merged.dtype)])
+    return merged.to(out_dtype).cpu()
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+    os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        os.replace(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# --- metadata ----------------------------------------------------------------------------------------------
+def _write_metadata(plan: MergePlan, folder: Path) -> None:
+    (folder / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    ref_folder = plan.reference.checkpoint.folder
+    if (ref_folder / "generation_config.json").is_file():
+        shutil.copy2(ref_folder / "generation_config.json", folder / "generation_config.json")
+    copied = copy_tokenizer_files(plan.tokenizer_source.checkpoint.folder, folder)
+    if not copied:
+        warnings.warn(f"{plan.tokenizer_source.where}: has no tokenizer files; the merged model has no tokenizer",
+                      stacklevel=3)
+    if plan.config.get("auto_map"):
+        if plan.recipe.data.get("trust_remote_code"):
+            for path in sorted(ref_folder.glob("*.py")):
+                shutil.copy2(path, folder / path.name)
+        else:
+            warnings.warn(f"{plan.reference.where}: config.json names custom code (auto_map); its .py files were "
+                          f"not copied (set trust_remote_code: true in the recipe to copy them)", stacklevel=3)
+    (folder / "README.md").write_text(model_card(plan), encoding="utf-8")
+
+
+def model_card(plan: MergePlan) -> str:
+    """A Hugging Face model card: YAML front matter (base_model, tags...) and the recipe in a yaml block."""
+    import yaml
+
+    recipe = plan.recipe
+    hub_ids = [i.ref for i in plan.inputs if is_hub_id(i.ref) and not Path(i.ref).exists()]
+    front: dict[str, Any] = {}
+    if hub_ids:  # the hub accepts only hub ids here; local folders are listed in the text below
+        front["base_model"] = list(dict.fromkeys(hub_ids))
+        front["base_model_relation"] = "merge"
+    front["library_name"] = "transformers"
+    front["tags"] = ["merge", "mergeplug"]
+    component = recipe.components["method"]
+    if recipe.path is not None and recipe.path.is_file():
+        recipe_text = recipe.path.read_text(encoding="utf-8")
+    else:
+        recipe_text = yaml.safe_dump(recipe.data, sort_keys=False)
+    title = recipe.data.get("name") or "Merged model"
+    lines = [
+        "---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "", f"# {title}", "",
+        f"Merged with [mergeplug](https://pypi.org/project/mergeplug/) using **{component.name}**"
+        + (f" ({component.reference})" if component.reference else "") + ".", "",
+    ]
+    if plan.base:
+        lines.append(f"- base model: `{plan.base.ref}`")
+    lines += [f"- {m.label}: `{m.ref}`" for m in plan.models]
+    lines += ["", "## Recipe", "", "```yaml", recipe_text.rstrip(), "```", ""]
+    return "\n".join(lines)

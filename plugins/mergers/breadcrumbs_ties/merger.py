@@ -1,0 +1,27 @@
+"""Model Breadcrumbs masks (Davari & Belilovsky, arXiv:2312.06795) merged the TIES way (arXiv:2306.01708).
+
+Each task vector is masked per tensor as in ``breadcrumbs`` (drop the ``gamma`` largest-magnitude fraction, keep
+the next ``density`` fraction), then the TIES sign election γ = sign(Σ_i w_i τ̂_i) (or ``count``) and disjoint
+merge of the entries agreeing with γ: weighted mean (``normalize: true``, TIES' rule) or sum (``false``,
+mergekit's breadcrumbs_ties default); θ = θ_base + λ·merged. The combination is mergekit's; the Breadcrumbs
+paper itself adds masked task vectors.
+
+Defaults (our choice, see ``breadcrumbs``): density 0.9, gamma 0.01 (mergekit's), λ 1.
+"""
+import torch
+
+from mergeplug.merging import Merger, TensorInputs, breadcrumbs_mask, ties_task_vectors
+
+
+class BreadcrumbsTiesMerger(Merger):
+    needs_base = True
+
+    def merge(self, inputs: TensorInputs) -> torch.Tensor:
+        p = inputs.parameters
+
+        def crumbs(i, tv):
+            params = inputs.model_parameters[i]
+            return tv.masked_fill_(~breadcrumbs_mask(tv, float(params["density"]), float(params["gamma"])), 0)
+
+        merged = ties_task_vectors(inputs, crumbs, sign_method=p["sign_method"], normalize=p["normalize"])
+        return torch.add(inputs.base, merged, alpha=float(p["lambda"]))
