@@ -146,8 +146,9 @@ def show_command(name, kind, as_json):
         if c.reference:
             click.echo(f"reference: {c.reference}")
         click.echo(f"plugin: {c.plugin} ({c.distribution} {c.version})")
-        if registry.conflict(c):
-            click.echo(f"BROKEN: {registry.conflict(c)}")
+        conflict = registry.conflict(c)
+        if conflict:
+            click.echo(f"BROKEN: {conflict}")
         if c.kind == "family":
             click.echo(f"model types: {', '.join(c.extra.get('model_types', [])) or '(none)'}")
             notes = getattr(c.load(), "notes", "")

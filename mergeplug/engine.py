@@ -166,9 +166,7 @@ def plan_merge(recipe, *, device: str | None = "cpu", dtype: str | None = None, 
     data, source = recipe.data, recipe.source
     component = recipe.components["method"]
     merger_cls = component.load()
-    merger = merger_cls(data["parameters"])
-    if getattr(merger, "needs_base", True) and "base_model" not in data:
-        raise MergeplugError(f"{source}: base_model: merger {component.name!r} needs a base_model (it merges task vectors)")
+    merger = merger_cls(data["parameters"])  # a checked recipe already names a base_model when the merger needs one
     device = resolve_device(device)
     embeddings = data.get("embeddings", "merge")
     if embeddings == "base" and "base_model" not in data:

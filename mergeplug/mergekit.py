@@ -150,7 +150,6 @@ def _needs_base(method: str) -> bool:
         component = get_registry().get("merger", method)
     except MergeplugError:
         return False  # an unknown or ambiguous method is reported when the converted recipe is checked
-    needs = component.extra.get("needs_base")
-    if needs is None:
-        needs = bool(getattr(component.load(), "needs_base", False))
-    return bool(needs)
+    from .recipe import merger_needs_base
+
+    return merger_needs_base(component)

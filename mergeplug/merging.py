@@ -39,10 +39,8 @@ class TensorInputs:
     model_names: list[str] = field(default_factory=list)
 
     def task_vectors(self) -> list[torch.Tensor]:
-        """τ_i = θ_i − θ_base (Ilharco et al., arXiv:2212.04089)."""
-        if self.base is None:
-            raise MergeplugError(f"{self.name}: this merger needs a base_model to take task vectors against")
-        return [m - self.base for m in self.models]
+        """τ_i = θ_i − θ_base for every model (Ilharco et al., arXiv:2212.04089); see :func:`task_vector`."""
+        return [task_vector(self, i) for i in range(len(self.models))]
 
     def weights(self, key: str = "weight", default: float = 1.0) -> torch.Tensor:
         """The per-model scalar ``key`` as a 1-D tensor on the inputs' device and dtype."""

@@ -11,10 +11,11 @@ import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 from .errors import MergeplugError
 from .plugins import Component, Registry, get_registry
+from .schedule import is_schedule
 from .schema import format_path, load_schema, problems, with_defaults
 
 RECIPE_KINDS = ("merge", "finetune", "evaluate", "fuse", "bench")
@@ -113,12 +114,6 @@ def _resolve(recipe: Recipe, registry: Registry, kind: str, name: str, where: Se
     return component
 
 
-def _is_schedule(value: Any, prop: dict) -> bool:
-    types = prop.get("type")
-    types = types if isinstance(types, list) else [types]
-    return isinstance(value, list) and "array" not in types
-
-
 def parameter_problems(values: dict, schema: dict, *, source: str, where: Sequence[str | int]) -> list[str]:
     """Check ``values`` against a component's parameter ``schema``; any numeric value may be a schedule.
 
@@ -131,7 +126,7 @@ def parameter_problems(values: dict, schema: dict, *, source: str, where: Sequen
     plain, scheduled, out = {}, set(), []
     for key, value in values.items():
         prop = props.get(key)
-        if prop is None or not _is_schedule(value, prop):
+        if prop is None or not is_schedule(value, prop):
             plain[key] = value
             continue
         scheduled.add(key)
@@ -160,6 +155,15 @@ def parameter_problems(values: dict, schema: dict, *, source: str, where: Sequen
     return out
 
 
+def merger_needs_base(component: Component) -> bool:
+    """Whether a merger takes task vectors against a base model: its registration's ``needs_base``, so no
+    torch is imported to check a recipe; a plugin that registered without it is asked through its class."""
+    needs = component.extra.get("needs_base")
+    if needs is None:
+        needs = getattr(component.load(), "needs_base", True)
+    return bool(needs)
+
+
 def _merge_checks(recipe: Recipe, registry: Registry) -> list[str]:
     data, out = recipe.data, []
     merger = _resolve(recipe, registry, "merger", data["method"], ["method"], out)
@@ -171,7 +175,7 @@ def _merge_checks(recipe: Recipe, registry: Registry) -> list[str]:
     both = {**global_schema, "properties": {**model_props, **global_schema.get("properties", {})}}
     given = data.get("parameters", {})
     out += parameter_problems(given, both, source=recipe.source, where=["parameters"])
-    if merger.extra.get("needs_base") and "base_model" not in data:
+    if merger_needs_base(merger) and "base_model" not in data:
         out.append(f"{recipe.source}: base_model: merger {merger.name!r} needs a base_model (it merges task vectors)")
     for i, entry in enumerate(data["models"]):
         own = entry.get("parameters", {})

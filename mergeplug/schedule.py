@@ -39,7 +39,9 @@ def gradient(values: list[float], t: float) -> float:
     return float(values[low]) * (1.0 - frac) + float(values[low + 1]) * frac
 
 
-def _is_schedule(value: Any, prop: dict | None) -> bool:
+def is_schedule(value: Any, prop: dict | None) -> bool:
+    """Whether ``value`` is a schedule for a parameter with schema ``prop``: a list, unless the parameter
+    itself is an array."""
     if not isinstance(value, list):
         return False
     types = (prop or {}).get("type")
@@ -75,7 +77,7 @@ def resolve_parameters(values: dict[str, Any], schema: dict | None, tensor_name:
     out = {}
     for key, value in values.items():
         prop = props.get(key)
-        if _is_schedule(value, prop):
+        if is_schedule(value, prop):
             value = resolve_value(value, tensor_name, t, key=key)
             if (prop or {}).get("type") == "integer" and isinstance(value, float):
                 value = int(round(value))  # a gradient of an integer parameter, rounded to the nearest
@@ -85,4 +87,4 @@ def resolve_parameters(values: dict[str, Any], schema: dict | None, tensor_name:
 
 def has_schedule(values: dict[str, Any], schema: dict | None) -> bool:
     props = (schema or {}).get("properties", {})
-    return any(_is_schedule(v, props.get(k)) for k, v in values.items())
+    return any(is_schedule(v, props.get(k)) for k, v in values.items())
