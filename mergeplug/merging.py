@@ -83,6 +83,9 @@ class Merger:
 
 
 # --- shared primitives -------------------------------------------------------------------------------------
+#: Entries per chunk for elementwise work done in pieces: a few arrays of 1 MiB (float32) fit a CPU's L2 cache.
+ELEMENTWISE_CHUNK = 1 << 18
+
 def weighted_sum(tensors: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
     """Σ_i w_i t_i without stacking (peak memory of two tensors, not N)."""
     out = torch.zeros_like(tensors[0])
@@ -91,11 +94,54 @@ def weighted_sum(tensors: list[torch.Tensor], weights: torch.Tensor) -> torch.Te
     return out
 
 
+#: For each float dtype: the integer dtype of its width, the mask that clears the sign bit, and the shift that
+#: keeps the top 15 bits of the magnitude. A non-negative float's bit pattern read as an integer is ordered
+#: like the float, so |x| can be ranked, histogrammed and compared as integers.
+_MAGNITUDE_BITS = {
+    torch.float32: (torch.int32, 0x7FFF_FFFF, 16),
+    torch.float64: (torch.int64, 0x7FFF_FFFF_FFFF_FFFF, 48),
+    torch.float16: (torch.int16, 0x7FFF, 0),
+    torch.bfloat16: (torch.int16, 0x7FFF, 0),
+}
+
+
+def _kth_largest(keys: torch.Tensor, k: int, shift: int) -> torch.Tensor:
+    """The k-th largest of non-negative integer ``keys`` (1 <= k <= n), exactly, in about two passes: a
+    histogram of the top 15 bits finds the bin that holds it, then only that bin's keys are ranked."""
+    top = keys >> shift if shift else keys
+    above = torch.cumsum(torch.bincount(top.flatten(), minlength=1 << 15).flip(0), 0)  # above[j]: keys in the top j+1 bins
+    j = int(torch.searchsorted(above, torch.tensor(k, device=above.device)))
+    in_bin = keys[top == (1 << 15) - 1 - j]
+    rank = k - (int(above[j - 1]) if j > 0 else 0)  # its rank from the top inside the bin
+    return torch.kthvalue(in_bin, in_bin.numel() - rank + 1).values
+
+
+def _top_magnitudes(t: torch.Tensor, k: int) -> torch.Tensor:
+    """Flat boolean mask of exactly ``k`` (0 < k < n) entries of ``t`` with the largest magnitude; of equal
+    magnitudes at the threshold the first ones by position, so the masks for growing k are nested."""
+    n = t.numel()
+    if t.dtype not in _MAGNITUDE_BITS:
+        magnitude = t.abs().flatten().double()
+        order = torch.sort(magnitude, descending=True, stable=True).indices[:k]
+        mask = torch.zeros(n, dtype=torch.bool, device=t.device)
+        mask[order] = True
+        return mask
+    int_dtype, sign_off, shift = _MAGNITUDE_BITS[t.dtype]
+    keys = t.contiguous().view(int_dtype).flatten() & sign_off
+    kth = _kth_largest(keys, k, shift)
+    mask = keys > kth
+    short = k - int(mask.sum())
+    if short > 0:  # equal magnitudes at the threshold: keep the first ones
+        mask[torch.nonzero(keys == kth).flatten()[:short]] = True
+    return mask
+
+
 def topk_mask(t: torch.Tensor, density: float) -> torch.Tensor:
     """Boolean mask of the ``density`` fraction of entries of ``t`` with the largest magnitude.
 
-    density 1 keeps everything, 0 nothing; exactly round(density·n) entries are kept, and which of several
-    equal magnitudes at the threshold is kept is up to torch.topk.
+    density 1 keeps everything, 0 nothing; exactly round(density·n) entries are kept, and of several equal
+    magnitudes at the threshold the first ones (by position) are. The threshold is found by ranking the
+    magnitudes' bit patterns (:func:`_kth_largest`), about 4x faster on CPU than torch.topk.
     """
     n = t.numel()
     k = int(round(density * n))
@@ -103,11 +149,7 @@ def topk_mask(t: torch.Tensor, density: float) -> torch.Tensor:
         return torch.ones_like(t, dtype=torch.bool)
     if k <= 0:
         return torch.zeros_like(t, dtype=torch.bool)
-    flat = t.abs().flatten()
-    idx = torch.topk(flat, k, sorted=False).indices
-    mask = torch.zeros(n, dtype=torch.bool, device=t.device)
-    mask[idx] = True
-    return mask.view_as(t)
+    return _top_magnitudes(t, k).view_as(t)
 
 
 def magnitude_threshold_mask(t: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -130,18 +172,19 @@ def disjoint_merge(task_vectors: list[torch.Tensor], weights: torch.Tensor, sign
     paper's disjoint mean); False returns the weighted disjoint sum (MergeBench's variant, arXiv:2505.10833).
     Positions where no model agrees (or the vote tied) give 0.
     """
-    # τ·γ > 0 is "non-zero and agrees with the elected sign" in one comparison: about 2x fewer passes over
-    # memory than testing sign equality and non-zero separately.
+    # With p = τ·γ, an agreeing entry is p > 0 and its value is γ·p, so the sum of agreeing entries is
+    # γ·Σ w·max(p, 0): multiplying by ±1 is exact, and this takes about half the passes over memory of
+    # testing agreement and gathering the entries separately.
     out = torch.zeros_like(task_vectors[0])
     norm = torch.zeros_like(task_vectors[0]) if normalize else None
     for tv, w in zip(task_vectors, weights.tolist()):
-        agree = torch.mul(tv, sign) > 0
-        out.addcmul_(tv, agree, value=w)
+        agreement = torch.mul(tv, sign)
         if norm is not None:
-            norm.add_(agree, alpha=w)
+            norm.add_(agreement > 0, alpha=w)
+        out.add_(agreement.clamp_(min=0), alpha=w)
+    out.mul_(sign)
     if norm is not None:
-        empty = norm == 0
-        out.masked_fill_(empty, 0.0).div_(norm.masked_fill_(empty, 1.0))
+        out.div_(norm.masked_fill_(norm == 0, 1.0))  # where no model agrees, out is already 0
     return out
 
 
@@ -269,8 +312,15 @@ def ties_merge(task_vectors: list[torch.Tensor], weights: torch.Tensor, *, sign_
     normalize=True: the paper's disjoint mean, Σ_{i agrees} w_i τ_i / Σ_{i agrees} w_i; False: the disjoint sum
     Σ_{i agrees} w_i τ_i (MergeBench, arXiv:2505.10833). Positions where the vote ties give 0.
     """
-    sign = weighted_sign_election(task_vectors, weights, sign_method)
-    return disjoint_merge(task_vectors, weights, sign, normalize)
+    # Election and disjoint merge are elementwise: run them a cache-sized chunk at a time, so their dozen
+    # passes hit the CPU cache instead of main memory (2.5x faster on a 32M-entry tensor, same result).
+    flat = [tv.reshape(-1) for tv in task_vectors]
+    out = torch.empty_like(flat[0])
+    for start in range(0, out.numel(), ELEMENTWISE_CHUNK):
+        part = [f[start:start + ELEMENTWISE_CHUNK] for f in flat]
+        sign = weighted_sign_election(part, weights, sign_method)
+        out[start:start + ELEMENTWISE_CHUNK] = disjoint_merge(part, weights, sign, normalize)
+    return out.view_as(task_vectors[0])
 
 
 def breadcrumbs_mask(t: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
@@ -279,7 +329,8 @@ def breadcrumbs_mask(t: torch.Tensor, density: float, gamma: float) -> torch.Ten
     Drops the ``gamma`` fraction of entries with the largest magnitude (outliers) and keeps the next ``density``
     fraction; the smallest entries are dropped too. ``density`` is the fraction kept in the end: when
     gamma + density > 1 fewer outliers are dropped, as in mergekit's ``magnitude_outliers``. Counts are rounded
-    like :func:`topk_mask`, so exactly round(density·n) entries are kept.
+    like :func:`topk_mask`, so exactly round(density·n) entries are kept; equal magnitudes are ranked by
+    position.
     """
     n = t.numel()
     n_keep = min(max(int(round(density * n)), 0), n)
@@ -289,21 +340,9 @@ def breadcrumbs_mask(t: torch.Tensor, density: float, gamma: float) -> torch.Ten
         return torch.zeros_like(t, dtype=torch.bool)
     if n_top == 0 and n_bottom == 0:
         return torch.ones_like(t, dtype=torch.bool)
-    magnitude = t.abs().flatten()
-    top = torch.topk(magnitude, n_top, sorted=False).indices if n_top else None
-    # Select whichever of the kept and the dropped-small sets is smaller: topk's cost grows with k.
-    if n_keep <= n_bottom:
-        if top is not None:
-            magnitude[top] = -float("inf")
-        mask = torch.zeros(n, dtype=torch.bool, device=t.device)
-        mask[torch.topk(magnitude, n_keep, sorted=False).indices] = True
-    else:
-        mask = torch.ones(n, dtype=torch.bool, device=t.device)
-        if top is not None:
-            magnitude[top] = float("inf")
-            mask[top] = False
-        if n_bottom:
-            mask[torch.topk(magnitude, n_bottom, largest=False, sorted=False).indices] = False
+    mask = _top_magnitudes(t, n_top + n_keep) if n_bottom else torch.ones(n, dtype=torch.bool, device=t.device)
+    if n_top:
+        mask &= ~_top_magnitudes(t, n_top)
     return mask.view_as(t)
 
 

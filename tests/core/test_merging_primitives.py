@@ -1,0 +1,32 @@
+"""Shared tensor primitives of mergeplug.merging against direct computations."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mergeplug.merging import topk_mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n,density", [(1, 0.5), (7, 0.3), (1000, 0.2), (1000, 0.999), (5000, 0.01), (4096, 0.5)])
+def test_topk_mask_keeps_exactly_the_largest_magnitudes(dtype, n, density):
+    gen = torch.Generator().manual_seed(n)
+    x = (torch.randn(n, generator=gen) * 0.01).to(dtype)
+    x[::7] = 0
+    if n > 5:
+        x[1::5] = -x[1]  # many equal magnitudes, of both signs
+    mask = topk_mask(x.view(-1, 1) if n % 2 else x, density).flatten()
+    k = int(round(density * n))
+    assert int(mask.sum()) == k
+    if 0 < k < n:
+        magnitude = x.abs().double()
+        assert magnitude[mask].min() >= magnitude[~mask].max()
+
+
+def test_topk_mask_breaks_ties_by_position_and_handles_edges():
+    x = torch.tensor([1.0, -1.0, 1.0, 0.5, -2.0, 1.0])
+    assert topk_mask(x, 0.5).tolist() == [True, True, False, False, True, False]
+    assert topk_mask(x, 0.0).tolist() == [False] * 6
+    assert topk_mask(x, 1.0).tolist() == [True] * 6
+    assert topk_mask(torch.zeros(4), 0.5).tolist() == [True, True, False, False]
+    assert topk_mask(torch.tensor([3, -5, 1]), 1 / 3).tolist() == [False, True, False]  # integers: torch.topk path
