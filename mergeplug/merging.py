@@ -86,6 +86,19 @@ class Merger:
 #: Entries per chunk for elementwise work done in pieces: a few arrays of 1 MiB (float32) fit a CPU's L2 cache.
 ELEMENTWISE_CHUNK = 1 << 18
 
+
+def elementwise_in_chunks(fn: Callable[[list[torch.Tensor]], torch.Tensor], tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``fn`` applied to aligned cache-sized chunks of same-shape ``tensors``, assembled into one tensor.
+
+    For work that is elementwise per position (sign election, disjoint merge, TALL masks): each of its many
+    passes then reads the CPU cache instead of main memory, 2-3x faster on large tensors, same result.
+    """
+    flat = [t.reshape(-1) for t in tensors]
+    out = torch.empty_like(flat[0])
+    for start in range(0, out.numel(), ELEMENTWISE_CHUNK):
+        out[start:start + ELEMENTWISE_CHUNK] = fn([f[start:start + ELEMENTWISE_CHUNK] for f in flat])
+    return out.view_as(tensors[0])
+
 def weighted_sum(tensors: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
     """Σ_i w_i t_i without stacking (peak memory of two tensors, not N)."""
     out = torch.zeros_like(tensors[0])
@@ -306,21 +319,20 @@ def weighted_sign_election(task_vectors: list[torch.Tensor], weights: torch.Tens
 
 
 def ties_merge(task_vectors: list[torch.Tensor], weights: torch.Tensor, *, sign_method: str = "sum",
-               normalize: bool = True) -> torch.Tensor:
+               normalize: bool = True, vote_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Elect a sign per position, then combine only the entries that agree with it (TIES, arXiv:2306.01708).
 
     normalize=True: the paper's disjoint mean, Σ_{i agrees} w_i τ_i / Σ_{i agrees} w_i; False: the disjoint sum
-    Σ_{i agrees} w_i τ_i (MergeBench, arXiv:2505.10833). Positions where the vote ties give 0.
+    Σ_{i agrees} w_i τ_i (MergeBench, arXiv:2505.10833). Positions where the vote ties give 0. The vote is
+    weighted by ``vote_weights`` (default: ``weights``; SCE votes unweighted and merges with its own weights).
     """
-    # Election and disjoint merge are elementwise: run them a cache-sized chunk at a time, so their dozen
-    # passes hit the CPU cache instead of main memory (2.5x faster on a 32M-entry tensor, same result).
-    flat = [tv.reshape(-1) for tv in task_vectors]
-    out = torch.empty_like(flat[0])
-    for start in range(0, out.numel(), ELEMENTWISE_CHUNK):
-        part = [f[start:start + ELEMENTWISE_CHUNK] for f in flat]
-        sign = weighted_sign_election(part, weights, sign_method)
-        out[start:start + ELEMENTWISE_CHUNK] = disjoint_merge(part, weights, sign, normalize)
-    return out.view_as(task_vectors[0])
+    votes = weights if vote_weights is None else vote_weights
+
+    def elect_and_merge(part: list[torch.Tensor]) -> torch.Tensor:
+        sign = weighted_sign_election(part, votes, sign_method)
+        return disjoint_merge(part, weights, sign, normalize)
+
+    return elementwise_in_chunks(elect_and_merge, task_vectors)
 
 
 def breadcrumbs_mask(t: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
@@ -370,7 +382,12 @@ def magprune_keep_probabilities(t: torch.Tensor, density: float, epsilon: float)
     n = rows.shape[-1]
     if n < 2:
         return torch.full(t.shape, density, dtype=dtype, device=t.device)
-    order = torch.argsort(rows.abs(), dim=-1, stable=True)
+    if rows.dtype in _MAGNITUDE_BITS:  # integer keys sort in the same stable order as |x|, 25% faster
+        int_dtype, sign_off, _ = _MAGNITUDE_BITS[rows.dtype]
+        magnitude = rows.contiguous().view(int_dtype) & sign_off
+    else:
+        magnitude = rows.abs()
+    order = torch.argsort(magnitude, dim=-1, stable=True)
     positions = torch.arange(n, device=t.device, dtype=dtype).expand_as(rows)
     ranks = torch.empty(rows.shape, dtype=dtype, device=t.device).scatter_(-1, order, positions)
     return (ranks.mul_(epsilon / (n - 1)).add_(density - epsilon / 2)).view(t.shape)
@@ -413,10 +430,25 @@ def summed_task_vectors(inputs: TensorInputs, sparsify: Sparsifier | None = None
     normalize=True divides by Σ_i w_i, so weights are relative (mergekit's ``normalize`` of these methods).
     """
     weights = inputs.weights("weight").tolist()
-    total = torch.zeros_like(inputs.models[0])
-    for i, w in enumerate(weights):
-        tv = task_vector(inputs, i)
-        total.add_(sparsify(i, tv) if sparsify else tv, alpha=w)
+    if sparsify is None:  # elementwise, so a cache-sized chunk at a time
+        if inputs.base is None:
+            task_vector(inputs, 0)  # raises the missing-base error
+
+        scratch = torch.empty(min(ELEMENTWISE_CHUNK, inputs.models[0].numel()), dtype=inputs.models[0].dtype,
+                              device=inputs.models[0].device)
+
+        def summed(part: list[torch.Tensor]) -> torch.Tensor:
+            total = torch.zeros_like(part[0])
+            delta = scratch[: part[0].numel()]
+            for model, w in zip(part[1:], weights):
+                total.add_(torch.sub(model, part[0], out=delta), alpha=w)
+            return total
+
+        total = elementwise_in_chunks(summed, [inputs.base, *inputs.models])
+    else:
+        total = torch.zeros_like(inputs.models[0])
+        for i, w in enumerate(weights):
+            total.add_(sparsify(i, task_vector(inputs, i)), alpha=w)
     if normalize:
         if sum(weights) == 0:
             raise MergeplugError(f"{inputs.name}: normalize=true needs per-model weights that do not sum to 0")

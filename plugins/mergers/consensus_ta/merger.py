@@ -19,18 +19,27 @@ only where both sides are equal, and where both are zero τ_MTL is zero too, so 
 """
 import torch
 
-from mergeplug.merging import Merger, TensorInputs, weighted_sum
+from mergeplug import MergeplugError
+from mergeplug.merging import Merger, TensorInputs, elementwise_in_chunks, weighted_sum
 
 
 class ConsensusTaskArithmetic(Merger):
     needs_base = True
 
     def merge(self, inputs: TensorInputs) -> torch.Tensor:
-        task_vectors = inputs.task_vectors()
-        multi_task = weighted_sum(task_vectors, inputs.weights("weight"))
-        votes = torch.zeros(multi_task.shape, dtype=torch.int32, device=multi_task.device)
-        for tv, own in zip(task_vectors, inputs.model_parameters):
-            votes += tv.abs() >= float(own["lambda_t"]) * (multi_task - tv).abs()
-        consensus = votes >= int(inputs.parameters["k"])
-        kept = torch.where(consensus, multi_task, torch.zeros_like(multi_task))
-        return inputs.base + float(inputs.parameters["lambda"]) * kept
+        if inputs.base is None:
+            raise MergeplugError(f"{inputs.name}: consensus_ta needs a base_model to take task vectors against")
+        weights = inputs.weights("weight")
+        lambda_t = [float(own["lambda_t"]) for own in inputs.model_parameters]
+        k, scale = int(inputs.parameters["k"]), float(inputs.parameters["lambda"])
+
+        def consensus(part: list[torch.Tensor]) -> torch.Tensor:
+            base, task_vectors = part[0], [m - part[0] for m in part[1:]]
+            multi_task = weighted_sum(task_vectors, weights)
+            votes = torch.zeros(multi_task.shape, dtype=torch.int32, device=multi_task.device)
+            for tv, lam in zip(task_vectors, lambda_t):
+                votes += tv.abs() >= lam * (multi_task - tv).abs()
+            return base + scale * torch.where(votes >= k, multi_task, torch.zeros_like(multi_task))
+
+        # Every step is elementwise per position: run it a cache-sized chunk at a time.
+        return elementwise_in_chunks(consensus, [inputs.base, *inputs.models])

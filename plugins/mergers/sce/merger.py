@@ -23,7 +23,7 @@ where models leave many positions identical. select_topk 1 selects every positio
 import torch
 
 from mergeplug import MergeplugError
-from mergeplug.merging import Merger, TensorInputs, disjoint_merge, elect_sign, topk_mask, weighted_sum
+from mergeplug.merging import Merger, TensorInputs, ties_merge, topk_mask, weighted_sum
 
 
 class SCE(Merger):
@@ -43,7 +43,8 @@ class SCE(Merger):
         weights = energy / energy.sum() if float(energy.sum()) > 0 else torch.full((n,), 1.0 / n, dtype=torch.float64)
         variant = inputs.parameters["variant"]
         erased = task_vectors if variant == "fusechat" else selected
-        merged = disjoint_merge(erased, weights, elect_sign(erased, "sum"), normalize=variant != "paper")
+        votes = torch.ones(n, dtype=weights.dtype)  # Erase is TIES' election, one equal vote per model
+        merged = ties_merge(erased, weights, normalize=variant != "paper", vote_weights=votes)
         return inputs.base + merged
 
 
