@@ -118,34 +118,46 @@ _MAGNITUDE_BITS = {
 }
 
 
-def _kth_largest(keys: torch.Tensor, k: int, shift: int) -> torch.Tensor:
-    """The k-th largest of non-negative integer ``keys`` (1 <= k <= n), exactly, in about two passes: a
-    histogram of the top 15 bits finds the bin that holds it, then only that bin's keys are ranked."""
-    top = keys >> shift if shift else keys
-    above = torch.cumsum(torch.bincount(top.flatten(), minlength=1 << 15).flip(0), 0)  # above[j]: keys in the top j+1 bins
-    j = int(torch.searchsorted(above, torch.tensor(k, device=above.device)))
-    in_bin = keys[top == (1 << 15) - 1 - j]
-    rank = k - (int(above[j - 1]) if j > 0 else 0)  # its rank from the top inside the bin
-    return torch.kthvalue(in_bin, in_bin.numel() - rank + 1).values
-
-
 def _top_magnitudes(t: torch.Tensor, k: int) -> torch.Tensor:
     """Flat boolean mask of exactly ``k`` (0 < k < n) entries of ``t`` with the largest magnitude; of equal
-    magnitudes at the threshold the first ones by position, so the masks for growing k are nested."""
+    magnitudes at the threshold the first ones by position, so the masks for growing k are nested.
+
+    The k-th largest magnitude is found exactly from its bit pattern: a histogram of the top 15 bits finds
+    the bin that holds it, then only that bin's entries are ranked. Every pass runs a cache-sized chunk at a
+    time, so the temporaries are the mask and a few chunks, not copies of the tensor.
+    """
     n = t.numel()
     if t.dtype not in _MAGNITUDE_BITS:
-        magnitude = t.abs().flatten().double()
-        order = torch.sort(magnitude, descending=True, stable=True).indices[:k]
+        order = torch.sort(t.abs().flatten().double(), descending=True, stable=True).indices[:k]
         mask = torch.zeros(n, dtype=torch.bool, device=t.device)
         mask[order] = True
         return mask
     int_dtype, sign_off, shift = _MAGNITUDE_BITS[t.dtype]
-    keys = t.contiguous().view(int_dtype).flatten() & sign_off
-    kth = _kth_largest(keys, k, shift)
-    mask = keys > kth
-    short = k - int(mask.sum())
-    if short > 0:  # equal magnitudes at the threshold: keep the first ones
-        mask[torch.nonzero(keys == kth).flatten()[:short]] = True
+    bits = t.contiguous().view(int_dtype).reshape(-1)
+    spans = [(s, min(s + ELEMENTWISE_CHUNK, n)) for s in range(0, n, ELEMENTWISE_CHUNK)]
+
+    def keys(span):  # |x| as integers ordered like |x|
+        return bits[span[0]:span[1]] & sign_off
+
+    hist = torch.zeros(1 << 15, dtype=torch.int64, device=t.device)
+    for span in spans:
+        hist += torch.bincount(keys(span) >> shift, minlength=1 << 15)
+    above = torch.cumsum(hist.flip(0), 0)  # above[j]: entries in the top j+1 bins
+    j = int(torch.searchsorted(above, torch.tensor(k, device=above.device)))
+    top_bin = (1 << 15) - 1 - j
+    in_bin = torch.cat([c[(c >> shift) == top_bin] for c in map(keys, spans)])
+    rank = k - (int(above[j - 1]) if j > 0 else 0)  # the k-th largest's rank from the top inside its bin
+    kth = torch.kthvalue(in_bin, in_bin.numel() - rank + 1).values
+    mask = torch.empty(n, dtype=torch.bool, device=t.device)
+    for span in spans:
+        torch.gt(keys(span), kth, out=mask[span[0]:span[1]])
+    short = k - int(torch.count_nonzero(mask))  # mask.sum() would first widen it to int64
+    for span in spans:  # equal magnitudes at the threshold: keep the first ones
+        if short <= 0:
+            break
+        ties = torch.nonzero(keys(span) == kth).flatten()[:short]
+        mask[span[0] + ties] = True
+        short -= ties.numel()
     return mask
 
 
@@ -154,7 +166,7 @@ def topk_mask(t: torch.Tensor, density: float) -> torch.Tensor:
 
     density 1 keeps everything, 0 nothing; exactly round(density·n) entries are kept, and of several equal
     magnitudes at the threshold the first ones (by position) are. The threshold is found by ranking the
-    magnitudes' bit patterns (:func:`_kth_largest`), about 4x faster on CPU than torch.topk.
+    magnitudes' bit patterns (:func:`_top_magnitudes`), several times faster on CPU than torch.topk.
     """
     n = t.numel()
     k = int(round(density * n))
