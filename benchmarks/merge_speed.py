@@ -12,13 +12,18 @@ Wall time, and peak resident memory (VmHWM of /proc/self/status, which includes 
 Targets: linear / task_arithmetic <= 1.3x the floor; ties, dare, breadcrumbs, della, sce, consensus_ta
 <= 2x; peak RSS <= floor + 1 GiB and not growing with depth.
 
-    python benchmarks/merge_speed.py [--folder /tmp/mergeplug-bench] [--methods linear,ties] [--depths 24,12]
+Each method (the floor too) is measured ``--repeat`` times, interleaved, and the table shows the median
+time against the floor's median and the highest peak: on a shared 2-core machine a single run can be off by
+2x.
+
+    python benchmarks/merge_speed.py [--folder /tmp/mergeplug-bench] [--methods linear,ties] [--depths 24,12] [--repeat 3]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -118,6 +123,7 @@ def main() -> None:
     parser.add_argument("--depths", default="24,12", help="Block counts to build and measure.")
     parser.add_argument("--shallow-methods", default="linear,ties,dare_ties",
                         help="Mergers also measured on the shallower models (memory vs depth).")
+    parser.add_argument("--repeat", type=int, default=3, help="Measurements per method, interleaved (median shown).")
     parser.add_argument("--measure", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
@@ -136,29 +142,37 @@ def main() -> None:
                 while fh.read(1 << 24):
                     pass
         chosen = methods if i == 0 else [m for m in args.shallow_methods.split(",") if m in methods]
-        # The floor runs first and last; the faster of the two is the reference (the first can still compete
-        # with the write-back of freshly built checkpoints).
-        for method in ["floor", *chosen, "floor"]:
-            run = subprocess.run([sys.executable, __file__, "--measure", method, "--folder", str(folder)],
-                                 capture_output=True, text=True)
-            if run.returncode != 0:
-                rows.append({"depth": depth, "method": method, "error": (run.stderr.strip().splitlines() or ["?"])[-1]})
-            else:
-                rows.append({"depth": depth, **json.loads(run.stdout.strip().splitlines()[-1])})
-            print(json.dumps(rows[-1]), flush=True)
-    print(f"\n{'blocks':>6} {'method':<18} {'seconds':>8} {'x floor':>8} {'target':>7} {'peak RSS MiB':>13} {'RSS - floor':>12}")
+        for _ in range(args.repeat):  # interleaved, so a slow spell of the machine hits every method alike
+            for method in ["floor", *chosen]:
+                run = subprocess.run([sys.executable, __file__, "--measure", method, "--folder", str(folder)],
+                                     capture_output=True, text=True)
+                if run.returncode != 0:
+                    rows.append({"depth": depth, "method": method,
+                                 "error": (run.stderr.strip().splitlines() or ["?"])[-1]})
+                else:
+                    rows.append({"depth": depth, **json.loads(run.stdout.strip().splitlines()[-1])})
+                print(json.dumps(rows[-1]), flush=True)
+    print(f"\n{'blocks':>6} {'method':<18} {'median s':>9} {'min-max s':>12} {'x floor':>8} {'target':>7}"
+          f" {'peak RSS MiB':>13} {'RSS - floor':>12}")
     for depth in depths:
-        floors = [r for r in rows if r["depth"] == depth and r["method"] == "floor" and "error" not in r]
-        base = min(floors, key=lambda r: r["seconds"]) if floors else None
+        summary = {}
         for r in (r for r in rows if r["depth"] == depth):
-            if "error" in r:
-                print(f"{depth:>6} {r['method']:<18} ERROR {r['error']}")
+            summary.setdefault(r["method"], []).append(r)
+        ok = {m: [r for r in runs if "error" not in r] for m, runs in summary.items()}
+        floor_s = statistics.median(r["seconds"] for r in ok["floor"]) if ok.get("floor") else float("nan")
+        floor_rss = max((r["peak_rss_mib"] for r in ok.get("floor", [])), default=0.0)
+        for method, runs in summary.items():
+            if not ok[method]:
+                print(f"{depth:>6} {method:<18} ERROR {runs[0]['error']}")
                 continue
-            ratio = r["seconds"] / base["seconds"] if base else float("nan")
-            target = TARGETS.get(r["method"])
+            times = [r["seconds"] for r in ok[method]]
+            median, rss = statistics.median(times), max(r["peak_rss_mib"] for r in ok[method])
+            ratio = median / floor_s
+            target = TARGETS.get(method)
             flag = "" if target is None or ratio <= target else " !"
-            print(f"{depth:>6} {r['method']:<18} {r['seconds']:>8.2f} {ratio:>8.2f} {(f'{target:.1f}' if target else '-'):>7}"
-                  f" {r['peak_rss_mib']:>13.0f} {r['peak_rss_mib'] - (base['peak_rss_mib'] if base else 0):>+12.0f}{flag}")
+            spread = f"{min(times):.2f}-{max(times):.2f}"
+            print(f"{depth:>6} {method:<18} {median:>9.2f} {spread:>12} {ratio:>8.2f} {(f'{target:.1f}' if target else '-'):>7}"
+                  f" {rss:>13.0f} {rss - floor_rss:>+12.0f}{flag}")
 
 
 if __name__ == "__main__":
