@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Iterable
 
 import torch
 
@@ -118,46 +118,73 @@ _MAGNITUDE_BITS = {
 }
 
 
-def _top_magnitudes(t: torch.Tensor, k: int) -> torch.Tensor:
-    """Flat boolean mask of exactly ``k`` (0 < k < n) entries of ``t`` with the largest magnitude; of equal
-    magnitudes at the threshold the first ones by position, so the masks for growing k are nested.
+class TopMagnitudes:
+    """Exactly ``k`` entries of largest magnitude of a tensor that arrives as a stream of flat chunks.
 
-    The k-th largest magnitude is found exactly from its bit pattern: a histogram of the top 15 bits finds
-    the bin that holds it, then only that bin's entries are ranked. Every pass runs a cache-sized chunk at a
-    time, so the temporaries are the mask and a few chunks, not copies of the tensor.
+    ``chunks()`` must yield the same chunks, in the same order, every time it is called: the cut is found in
+    two passes over them (a histogram of the top 15 bits of each magnitude's bit pattern finds the bin that
+    holds the k-th largest, then only that bin's entries are ranked), so the tensor never needs to exist
+    whole. :meth:`mask` then takes the chunks once more, in order. Of equal magnitudes at the cut the first
+    ones by position are kept, so the sets for growing k are nested.
     """
-    n = t.numel()
-    if t.dtype not in _MAGNITUDE_BITS:
-        order = torch.sort(t.abs().flatten().double(), descending=True, stable=True).indices[:k]
-        mask = torch.zeros(n, dtype=torch.bool, device=t.device)
-        mask[order] = True
-        return mask
-    int_dtype, sign_off, shift = _MAGNITUDE_BITS[t.dtype]
-    bits = t.contiguous().view(int_dtype).reshape(-1)
-    spans = [(s, min(s + ELEMENTWISE_CHUNK, n)) for s in range(0, n, ELEMENTWISE_CHUNK)]
 
-    def keys(span):  # |x| as integers ordered like |x|
-        return bits[span[0]:span[1]] & sign_off
+    def __init__(self, chunks: Callable[[], Iterable[torch.Tensor]], k: int, n: int):
+        self.k, self.n, self.kth, self._offset = k, n, None, 0
+        self._ties = 0  # entries equal to the cut still to keep, first by position
+        self._exact: torch.Tensor | None = None  # dtypes without a bit ordering: a plain mask, sliced
+        if 0 < k < n:
+            self._find_cut(chunks)
 
-    hist = torch.zeros(1 << 15, dtype=torch.int64, device=t.device)
-    for span in spans:
-        hist += torch.bincount(keys(span) >> shift, minlength=1 << 15)
-    above = torch.cumsum(hist.flip(0), 0)  # above[j]: entries in the top j+1 bins
-    j = int(torch.searchsorted(above, torch.tensor(k, device=above.device)))
-    top_bin = (1 << 15) - 1 - j
-    in_bin = torch.cat([c[(c >> shift) == top_bin] for c in map(keys, spans)])
-    rank = k - (int(above[j - 1]) if j > 0 else 0)  # the k-th largest's rank from the top inside its bin
-    kth = torch.kthvalue(in_bin, in_bin.numel() - rank + 1).values
-    mask = torch.empty(n, dtype=torch.bool, device=t.device)
-    for span in spans:
-        torch.gt(keys(span), kth, out=mask[span[0]:span[1]])
-    short = k - int(torch.count_nonzero(mask))  # mask.sum() would first widen it to int64
-    for span in spans:  # equal magnitudes at the threshold: keep the first ones
-        if short <= 0:
-            break
-        ties = torch.nonzero(keys(span) == kth).flatten()[:short]
-        mask[span[0] + ties] = True
-        short -= ties.numel()
+    def _find_cut(self, chunks) -> None:
+        first = next(iter(chunks()))
+        if first.dtype not in _MAGNITUDE_BITS:
+            magnitude = torch.cat([c.abs().flatten().double() for c in chunks()])
+            self._exact = torch.zeros(self.n, dtype=torch.bool, device=first.device)
+            self._exact[torch.sort(magnitude, descending=True, stable=True).indices[: self.k]] = True
+            return
+        int_dtype, self._sign_off, shift = _MAGNITUDE_BITS[first.dtype]
+        self._int_dtype = int_dtype
+        hist = torch.zeros(1 << 15, dtype=torch.int64, device=first.device)
+        for c in chunks():
+            hist += torch.bincount(self._keys(c) >> shift, minlength=1 << 15)
+        above = torch.cumsum(hist.flip(0), 0)  # above[j]: entries in the top j+1 bins
+        j = int(torch.searchsorted(above, torch.tensor(self.k, device=above.device)))
+        top_bin = (1 << 15) - 1 - j
+        in_bin = torch.cat([keys[(keys >> shift) == top_bin] for keys in map(self._keys, chunks())])
+        higher = int(above[j - 1]) if j > 0 else 0  # entries in the bins above
+        self.kth = torch.kthvalue(in_bin, in_bin.numel() - (self.k - higher) + 1).values
+        self._ties = self.k - higher - int(torch.count_nonzero(in_bin > self.kth))
+
+    def _keys(self, chunk: torch.Tensor) -> torch.Tensor:  # |x| as integers ordered like |x|
+        return chunk.contiguous().view(self._int_dtype).flatten() & self._sign_off
+
+    def mask(self, chunk: torch.Tensor) -> torch.Tensor:
+        """The kept entries of the next chunk (same shape as it)."""
+        start, self._offset = self._offset, self._offset + chunk.numel()
+        if self.k <= 0 or self.k >= self.n:
+            return torch.full_like(chunk, self.k > 0, dtype=torch.bool)
+        if self._exact is not None:
+            return self._exact[start:self._offset].view(chunk.shape)
+        keys = self._keys(chunk)
+        keep = keys > self.kth
+        if self._ties > 0:
+            ties = torch.nonzero(keys == self.kth).flatten()[: self._ties]
+            keep[ties] = True
+            self._ties -= ties.numel()
+        return keep.view(chunk.shape)
+
+
+def _chunks_of(t: torch.Tensor) -> Callable[[], Iterable[torch.Tensor]]:
+    flat = t.reshape(-1)
+    return lambda: (flat[s:s + ELEMENTWISE_CHUNK] for s in range(0, flat.numel(), ELEMENTWISE_CHUNK))
+
+
+def _top_magnitudes(t: torch.Tensor, k: int) -> torch.Tensor:
+    """Flat boolean mask of exactly ``k`` entries of ``t`` with the largest magnitude (:class:`TopMagnitudes`)."""
+    top = TopMagnitudes(_chunks_of(t), k, t.numel())
+    mask = torch.empty(t.numel(), dtype=torch.bool, device=t.device)
+    for s, chunk in zip(range(0, t.numel(), ELEMENTWISE_CHUNK), _chunks_of(t)()):
+        mask[s:s + chunk.numel()] = top.mask(chunk)
     return mask
 
 
@@ -339,12 +366,13 @@ def ties_merge(task_vectors: list[torch.Tensor], weights: torch.Tensor, *, sign_
     weighted by ``vote_weights`` (default: ``weights``; SCE votes unweighted and merges with its own weights).
     """
     votes = weights if vote_weights is None else vote_weights
+    return elementwise_in_chunks(lambda part: _elect_and_merge(part, weights, votes, sign_method, normalize),
+                                 task_vectors)
 
-    def elect_and_merge(part: list[torch.Tensor]) -> torch.Tensor:
-        sign = weighted_sign_election(part, votes, sign_method)
-        return disjoint_merge(part, weights, sign, normalize)
 
-    return elementwise_in_chunks(elect_and_merge, task_vectors)
+def _elect_and_merge(task_vectors, weights, votes, sign_method: str, normalize: bool) -> torch.Tensor:
+    sign = weighted_sign_election(task_vectors, votes, sign_method)
+    return disjoint_merge(task_vectors, weights, sign, normalize)
 
 
 def breadcrumbs_mask(t: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
@@ -356,18 +384,7 @@ def breadcrumbs_mask(t: torch.Tensor, density: float, gamma: float) -> torch.Ten
     like :func:`topk_mask`, so exactly round(density·n) entries are kept; equal magnitudes are ranked by
     position.
     """
-    n = t.numel()
-    n_keep = min(max(int(round(density * n)), 0), n)
-    n_top = min(max(int(round(gamma * n)), 0), n - n_keep)
-    n_bottom = n - n_keep - n_top
-    if n_keep == 0:
-        return torch.zeros_like(t, dtype=torch.bool)
-    if n_top == 0 and n_bottom == 0:
-        return torch.ones_like(t, dtype=torch.bool)
-    mask = _top_magnitudes(t, n_top + n_keep) if n_bottom else torch.ones(n, dtype=torch.bool, device=t.device)
-    if n_top:
-        mask &= ~_top_magnitudes(t, n_top)
-    return mask.view_as(t)
+    return _breadcrumbs_band(_chunks_of(t), t.numel(), density, gamma)(t.reshape(-1)).view_as(t)
 
 
 def check_magprune(density: float, epsilon: float, where: str) -> None:
@@ -429,54 +446,96 @@ def model_label(inputs: TensorInputs, model_index: int) -> str:
     return f"models[{model_index}] ({names[model_index]})" if model_index < len(names) else f"models[{model_index}]"
 
 
-#: ``sparsify(model_index, τ_i) -> τ̂_i``: a method's per-model pruning step (trim, DARE, breadcrumbs, MAGPRUNE).
-#: τ_i is a fresh tensor the sparsifier may overwrite in place.
+#: ``sparsify(model_index, τ_i) -> τ̂_i``: a method's per-model pruning step that needs the whole tensor
+#: (DARE's and DELLA's random drops). τ_i is a fresh tensor the sparsifier may overwrite in place.
 Sparsifier = Callable[[int, torch.Tensor], torch.Tensor]
 
+#: ``keep(model_index, chunk of τ_i) -> kept entries``: a per-model mask that can be decided a chunk at a time,
+#: the chunks of each model arriving in order (TIES' trim, Breadcrumbs' band). Lets the task vectors be
+#: pruned and merged without ever existing whole.
+KeepRule = Callable[[int, torch.Tensor], torch.Tensor]
 
-def summed_task_vectors(inputs: TensorInputs, sparsify: Sparsifier | None = None, *,
+
+def task_vector_chunks(inputs: TensorInputs, model_index: int) -> Callable[[], Iterable[torch.Tensor]]:
+    """τ_i = θ_i − θ_base as a re-iterable stream of flat cache-sized chunks (for :class:`TopMagnitudes`)."""
+    if inputs.base is None:
+        task_vector(inputs, model_index)  # raises the missing-base error
+    base, model = inputs.base.reshape(-1), inputs.models[model_index].reshape(-1)
+    return lambda: (model[s:s + ELEMENTWISE_CHUNK] - base[s:s + ELEMENTWISE_CHUNK]
+                    for s in range(0, base.numel(), ELEMENTWISE_CHUNK))
+
+
+def top_magnitudes_keep(inputs: TensorInputs, densities: list[float]) -> KeepRule:
+    """Keep the top ``densities[i]`` fraction of |τ_i| of this tensor (TIES' trim, arXiv:2306.01708), exactly
+    round(density·n) entries as :func:`topk_mask` does, without building τ_i."""
+    n = inputs.models[0].numel()
+    tops = [TopMagnitudes(task_vector_chunks(inputs, i), int(round(d * n)), n) for i, d in enumerate(densities)]
+    return lambda i, chunk: tops[i].mask(chunk)
+
+
+def _breadcrumbs_band(chunks: Callable[[], Iterable[torch.Tensor]], n: int, density: float, gamma: float):
+    """The kept band of Model Breadcrumbs: top(outliers + kept) minus top(outliers), as a chunk -> mask."""
+    n_keep = min(max(int(round(density * n)), 0), n)
+    n_top = min(max(int(round(gamma * n)), 0), n - n_keep)
+    outer = TopMagnitudes(chunks, n_top + n_keep, n)
+    inner = TopMagnitudes(chunks, n_top, n)
+    return lambda chunk: outer.mask(chunk) & ~inner.mask(chunk)
+
+
+def breadcrumbs_keep(inputs: TensorInputs, densities: list[float], gammas: list[float]) -> KeepRule:
+    """:func:`breadcrumbs_mask` for each model's τ_i, decided a chunk at a time."""
+    n = inputs.models[0].numel()
+    bands = [_breadcrumbs_band(task_vector_chunks(inputs, i), n, d, g)
+             for i, (d, g) in enumerate(zip(densities, gammas))]
+    return lambda i, chunk: bands[i](chunk)
+
+
+def _pruned_chunks(inputs: TensorInputs, keep: KeepRule | None, reduce):
+    """Run ``reduce(τ̂ chunks)`` over aligned chunks of the task vectors, each pruned by ``keep``."""
+    if inputs.base is None:
+        task_vector(inputs, 0)  # raises the missing-base error
+
+    def step(part: list[torch.Tensor]) -> torch.Tensor:
+        task_vectors = [model - part[0] for model in part[1:]]
+        if keep is not None:
+            for i, tv in enumerate(task_vectors):
+                tv.masked_fill_(~keep(i, tv), 0)
+        return reduce(task_vectors)
+
+    return elementwise_in_chunks(step, [inputs.base, *inputs.models])
+
+
+def summed_task_vectors(inputs: TensorInputs, sparsify: Sparsifier | None = None, *, keep: KeepRule | None = None,
                         normalize: bool = False) -> torch.Tensor:
-    """Σ_i w_i τ̂_i with τ̂_i = sparsify(i, τ_i) and w_i the per-model ``weight``: task arithmetic
-    (arXiv:2212.04089) over pruned task vectors, one task vector alive at a time.
+    """Σ_i w_i τ̂_i with w_i the per-model ``weight``: task arithmetic (arXiv:2212.04089) over task vectors
+    pruned by ``sparsify`` (whole tensors, one alive at a time) or ``keep`` (a chunk at a time), or unpruned.
 
     normalize=True divides by Σ_i w_i, so weights are relative (mergekit's ``normalize`` of these methods).
     """
-    weights = inputs.weights("weight").tolist()
-    if sparsify is None:  # elementwise, so a cache-sized chunk at a time
-        if inputs.base is None:
-            task_vector(inputs, 0)  # raises the missing-base error
-
-        scratch = torch.empty(min(ELEMENTWISE_CHUNK, inputs.models[0].numel()), dtype=inputs.models[0].dtype,
-                              device=inputs.models[0].device)
-
-        def summed(part: list[torch.Tensor]) -> torch.Tensor:
-            total = torch.zeros_like(part[0])
-            delta = scratch[: part[0].numel()]
-            for model, w in zip(part[1:], weights):
-                total.add_(torch.sub(model, part[0], out=delta), alpha=w)
-            return total
-
-        total = elementwise_in_chunks(summed, [inputs.base, *inputs.models])
+    weights = inputs.weights("weight")
+    if sparsify is None:
+        total = _pruned_chunks(inputs, keep, lambda tvs: weighted_sum(tvs, weights))
     else:
         total = torch.zeros_like(inputs.models[0])
-        for i, w in enumerate(weights):
+        for i, w in enumerate(weights.tolist()):
             total.add_(sparsify(i, task_vector(inputs, i)), alpha=w)
     if normalize:
-        if sum(weights) == 0:
+        if float(weights.sum()) == 0:
             raise MergeplugError(f"{inputs.name}: normalize=true needs per-model weights that do not sum to 0")
-        total.div_(sum(weights))
+        total.div_(float(weights.sum()))
     return total
 
 
-def ties_task_vectors(inputs: TensorInputs, sparsify: Sparsifier | None = None, *, sign_method: str = "sum",
-                      normalize: bool = True) -> torch.Tensor:
-    """:func:`ties_merge` of the pruned task vectors τ̂_i = sparsify(i, τ_i), weighted by ``weight``.
+def ties_task_vectors(inputs: TensorInputs, sparsify: Sparsifier | None = None, *, keep: KeepRule | None = None,
+                      sign_method: str = "sum", normalize: bool = True) -> torch.Tensor:
+    """:func:`ties_merge` of the task vectors pruned by ``sparsify`` or ``keep`` (see
+    :func:`summed_task_vectors`), weighted by ``weight``.
 
-    Election needs every τ̂_i before any can be combined, so this holds N pruned task vectors (never a
-    stacked copy of them).
+    With ``sparsify``, election needs every τ̂_i first, so this holds N pruned task vectors (never a stacked
+    copy); with ``keep`` or no pruning, everything runs a cache-sized chunk at a time.
     """
-    pruned = []
-    for i in range(len(inputs.models)):
-        tv = task_vector(inputs, i)
-        pruned.append(sparsify(i, tv) if sparsify else tv)
-    return ties_merge(pruned, inputs.weights("weight"), sign_method=sign_method, normalize=normalize)
+    weights = inputs.weights("weight")
+    if sparsify is None:
+        return _pruned_chunks(inputs, keep, lambda tvs: _elect_and_merge(tvs, weights, weights, sign_method, normalize))
+    pruned = [sparsify(i, task_vector(inputs, i)) for i in range(len(inputs.models))]
+    return ties_merge(pruned, weights, sign_method=sign_method, normalize=normalize)

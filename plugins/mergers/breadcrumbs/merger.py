@@ -13,16 +13,14 @@ gamma + density > 1 fewer outliers are dropped (mergekit's rule). ``normalize: t
 """
 import torch
 
-from mergeplug.merging import Merger, TensorInputs, breadcrumbs_mask, summed_task_vectors
+from mergeplug.merging import Merger, TensorInputs, breadcrumbs_keep, summed_task_vectors
 
 
 class BreadcrumbsMerger(Merger):
     needs_base = True
 
     def merge(self, inputs: TensorInputs) -> torch.Tensor:
-        def crumbs(i, tv):
-            params = inputs.model_parameters[i]
-            return tv.masked_fill_(~breadcrumbs_mask(tv, float(params["density"]), float(params["gamma"])), 0)
-
-        merged = summed_task_vectors(inputs, crumbs, normalize=bool(inputs.parameters["normalize"]))
+        own = inputs.model_parameters
+        crumbs = breadcrumbs_keep(inputs, [float(m["density"]) for m in own], [float(m["gamma"]) for m in own])
+        merged = summed_task_vectors(inputs, keep=crumbs, normalize=bool(inputs.parameters["normalize"]))
         return torch.add(inputs.base, merged, alpha=float(inputs.parameters["lambda"]))

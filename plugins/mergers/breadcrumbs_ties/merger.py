@@ -10,7 +10,7 @@ Defaults (our choice, see ``breadcrumbs``): density 0.9, gamma 0.01 (mergekit's)
 """
 import torch
 
-from mergeplug.merging import Merger, TensorInputs, breadcrumbs_mask, ties_task_vectors
+from mergeplug.merging import Merger, TensorInputs, breadcrumbs_keep, ties_task_vectors
 
 
 class BreadcrumbsTiesMerger(Merger):
@@ -19,9 +19,7 @@ class BreadcrumbsTiesMerger(Merger):
     def merge(self, inputs: TensorInputs) -> torch.Tensor:
         p = inputs.parameters
 
-        def crumbs(i, tv):
-            params = inputs.model_parameters[i]
-            return tv.masked_fill_(~breadcrumbs_mask(tv, float(params["density"]), float(params["gamma"])), 0)
-
-        merged = ties_task_vectors(inputs, crumbs, sign_method=p["sign_method"], normalize=p["normalize"])
+        own = inputs.model_parameters
+        crumbs = breadcrumbs_keep(inputs, [float(m["density"]) for m in own], [float(m["gamma"]) for m in own])
+        merged = ties_task_vectors(inputs, keep=crumbs, sign_method=p["sign_method"], normalize=p["normalize"])
         return torch.add(inputs.base, merged, alpha=float(p["lambda"]))

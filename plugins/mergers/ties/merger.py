@@ -21,7 +21,7 @@ from mergeplug.merging import (
     model_label,
     task_vector,
     ties_task_vectors,
-    topk_mask,
+    top_magnitudes_keep,
 )
 
 TRIM_SCOPES = ("tensor", "model")
@@ -66,11 +66,10 @@ class TiesMerger(Merger):
                     f"ties: {inputs.name}: trim_scope: model needs the engine's pre-pass over every tensor first")
             thresholds = self._thresholds
 
-            def trim(i, tv):
-                return tv.masked_fill_(~magnitude_threshold_mask(tv, thresholds[i]), 0)
+            def trim(i, chunk):
+                return magnitude_threshold_mask(chunk, thresholds[i])
         else:
-            def trim(i, tv):
-                return tv.masked_fill_(~topk_mask(tv, float(inputs.model_parameters[i]["density"])), 0)
+            trim = top_magnitudes_keep(inputs, [float(m["density"]) for m in inputs.model_parameters])
 
-        merged = ties_task_vectors(inputs, trim, sign_method=p["sign_method"], normalize=p["normalize"])
+        merged = ties_task_vectors(inputs, keep=trim, sign_method=p["sign_method"], normalize=p["normalize"])
         return torch.add(inputs.base, merged, alpha=float(p["lambda"]))
