@@ -256,30 +256,42 @@ class GlobalMagnitudeThreshold:
     """The magnitude above which the top ``density`` fraction of a whole model's entries lie, found while
     streaming: memory of one histogram, not of the model.
 
-    Pass 1 (``add``) builds a histogram of log2|x| over fine bins (65,536 bins over 2^-40..2^20: each bin
-    spans a factor of 1.0006). ``threshold()`` then interpolates inside the bin that holds the k-th largest
-    entry, which is exact up to the entries of that one bin. For an exact threshold, call ``locate()`` and
-    run a second pass of ``add_exact`` over the same tensors: the entries of that bin are then ranked.
+    Pass 1 (``add``) counts magnitudes by the top 19 bits of their bit pattern (for float32: the exponent and
+    11 mantissa bits, so a bin spans a factor of at most 1.0005), a few million entries at a time.
+    ``threshold()`` then interpolates inside the bin that holds the k-th largest entry, which is exact up to
+    the entries of that one bin. For an exact threshold, call ``locate()`` and run a second pass of
+    ``add_exact`` over the same tensors: the entries of that bin are then ranked.
     """
 
-    BINS = 65536
-    LOW, HIGH = -40.0, 20.0  # log2 range; smaller magnitudes fall into bin 0, larger into the last
+    BIN_BITS = 19
+    CHUNK = 1 << 22
 
     def __init__(self, density: float):
         self.density = float(density)
-        self.hist = torch.zeros(self.BINS, dtype=torch.float64)
         self.count = 0
+        self.hist: torch.Tensor | None = None
+        self._dtype: torch.dtype | None = None
         self._bin: int | None = None
         self._above = 0
         self._values: list[torch.Tensor] | None = None
 
-    def _bins(self, x: torch.Tensor) -> torch.Tensor:
-        logs = torch.log2(x.abs().flatten().double().clamp_min(2.0 ** self.LOW))
-        scaled = (logs - self.LOW) / (self.HIGH - self.LOW) * self.BINS
-        return scaled.long().clamp_(0, self.BINS - 1)
+    def _keys(self, x: torch.Tensor):
+        """|x| as integers ordered like |x|, a chunk at a time."""
+        if self._dtype is None:
+            self._dtype = x.dtype if x.dtype in _MAGNITUDE_BITS else torch.float32
+            int_dtype, self._sign_off, _ = _MAGNITUDE_BITS[self._dtype]
+            self._int_dtype, magnitude_bits = int_dtype, torch.iinfo(int_dtype).bits - 1
+            self._shift = max(magnitude_bits - self.BIN_BITS, 0)
+            self.hist = torch.zeros(1 << (magnitude_bits - self._shift), dtype=torch.int64)
+        flat = x.detach().reshape(-1)
+        for start in range(0, flat.numel(), self.CHUNK):
+            chunk = flat[start:start + self.CHUNK].to(self._dtype)
+            yield chunk.contiguous().view(self._int_dtype) & self._sign_off
 
     def add(self, x: torch.Tensor) -> None:
-        self.hist += torch.bincount(self._bins(x), minlength=self.BINS).double().cpu()
+        for keys in self._keys(x):
+            counts = torch.bincount(keys >> self._shift).cpu()
+            self.hist[: counts.numel()] += counts
         self.count += x.numel()
 
     @property
@@ -293,8 +305,8 @@ class GlobalMagnitudeThreshold:
             self._bin = -1
             return
         above = torch.cumsum(self.hist.flip(0), 0)  # above[j]: entries in the top j+1 bins
-        j = int(torch.searchsorted(above, torch.tensor(float(k), dtype=torch.float64)))
-        self._bin = self.BINS - 1 - j
+        j = int(torch.searchsorted(above, torch.tensor(k, dtype=above.dtype)))
+        self._bin = self.hist.numel() - 1 - j
         self._above = int(above[j - 1]) if j > 0 else 0
 
     def add_exact(self, x: torch.Tensor) -> None:
@@ -303,9 +315,13 @@ class GlobalMagnitudeThreshold:
             self.locate()
         if self._values is None:
             self._values = []
-        sel = self._bins(x) == self._bin
-        if bool(sel.any()):
-            self._values.append(x.abs().flatten()[sel.to(x.device)].float().cpu())
+        for keys in self._keys(x):
+            selected = keys[(keys >> self._shift) == self._bin]
+            if selected.numel():
+                self._values.append(selected.cpu())
+
+    def _magnitude(self, key: int) -> float:
+        return float(torch.tensor([key], dtype=self._int_dtype).view(self._dtype).item())
 
     def threshold(self) -> float:
         """Entries with |x| >= threshold are the top ``density`` fraction (ties at the threshold all kept)."""
@@ -318,14 +334,14 @@ class GlobalMagnitudeThreshold:
             self.locate()
         need = k - self._above  # how many of this bin's entries belong to the top k
         if self._values is not None:
-            values = torch.cat(self._values) if self._values else torch.zeros(0)
+            values = torch.cat(self._values) if self._values else torch.zeros(0, dtype=torch.int64)
             if values.numel() == 0:
                 return float("inf")
-            return float(torch.topk(values, min(need, values.numel())).values.min())
+            return self._magnitude(int(torch.topk(values, min(need, values.numel())).values.min()))
         in_bin = float(self.hist[self._bin])
-        frac = 1.0 - need / in_bin  # interpolate in log space from the bin's lower edge
-        width = (self.HIGH - self.LOW) / self.BINS
-        return float(2.0 ** (self.LOW + (self._bin + frac) * width))
+        # Linear inside the bin: within one exponent, the bit pattern grows linearly with the magnitude.
+        frac = 1.0 - need / in_bin
+        return self._magnitude(int((self._bin + frac) * (1 << self._shift)))
 
 
 # --- shared by the TIES / DARE / Breadcrumbs / DELLA family --------------------------------------------------

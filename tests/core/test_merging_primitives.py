@@ -30,3 +30,38 @@ def test_topk_mask_breaks_ties_by_position_and_handles_edges():
     assert topk_mask(x, 1.0).tolist() == [True] * 6
     assert topk_mask(torch.zeros(4), 0.5).tolist() == [True, True, False, False]
     assert topk_mask(torch.tensor([3, -5, 1]), 1 / 3).tolist() == [False, True, False]  # integers: torch.topk path
+
+
+@pytest.mark.parametrize("density", [0.2, 0.01, 0.9])
+def test_global_threshold_over_several_tensors(density):
+    from mergeplug.merging import GlobalMagnitudeThreshold
+
+    gen = torch.Generator().manual_seed(0)
+    parts = [torch.randn(1000, 100, generator=gen) * 0.01, torch.randn(5000, generator=gen) * 0.1, torch.zeros(300)]
+    magnitudes = torch.cat([p.flatten() for p in parts]).abs()
+    k = int(round(density * magnitudes.numel()))
+    exact_kth = float(torch.topk(magnitudes, k).values.min())
+
+    approximate = GlobalMagnitudeThreshold(density)
+    for p in parts:
+        approximate.add(p)
+    kept = int((magnitudes >= approximate.threshold()).sum())
+    assert abs(kept - k) <= 0.001 * magnitudes.numel()  # off by at most the entries of one bin
+    assert approximate.threshold() == pytest.approx(exact_kth, rel=5e-4)
+
+    exact = GlobalMagnitudeThreshold(density)
+    for p in parts:
+        exact.add(p)
+    for p in parts:
+        exact.add_exact(p)
+    assert exact.threshold() == exact_kth
+    assert int((magnitudes >= exact.threshold()).sum()) == k
+
+
+def test_global_threshold_edges():
+    from mergeplug.merging import GlobalMagnitudeThreshold
+
+    none, everything = GlobalMagnitudeThreshold(0.0), GlobalMagnitudeThreshold(1.0)
+    for t in (none, everything):
+        t.add(torch.tensor([1.0, -2.0, 3.0]))
+    assert none.threshold() == float("inf") and everything.threshold() == 0.0

@@ -8,7 +8,8 @@ Overlaps are averaged over the number of masks covering each position, as the pa
 MergeBench's implementation (arXiv:2505.10833) divides overlaps by 2 whatever their count, which we do not
 copy. There is no scaling coefficient. With scope: model the engine runs one streaming pre-pass that feeds each
 model's |τ_i| into a histogram (mergeplug.merging.GlobalMagnitudeThreshold), so the threshold is exact up to
-the entries of one histogram bin (a relative width of 0.06%); sparsity must then be one value for every tensor.
+the entries of one histogram bin (a relative width of at most 0.05%); sparsity must then be one value for
+every tensor.
 
 Default sparsity 0.1: MergeBench's setting for this method (arXiv:2505.10833); the paper's data-driven masks
 keep about 1% of the parameters. Default scope model: the paper's top-k over the whole task vector.
@@ -16,7 +17,15 @@ keep about 1% of the parameters. Default scope model: the paper's top-k over the
 import torch
 
 from mergeplug import MergeplugError
-from mergeplug.merging import GlobalMagnitudeThreshold, Merger, TensorInputs, magnitude_threshold_mask, topk_mask
+from mergeplug.merging import (
+    GlobalMagnitudeThreshold,
+    Merger,
+    TensorInputs,
+    elementwise_in_chunks,
+    magnitude_threshold_mask,
+    task_vector,
+    top_magnitudes_keep,
+)
 
 
 class LocalizeAndStitch(Merger):
@@ -41,27 +50,37 @@ class LocalizeAndStitch(Merger):
                 f"tensors; with scope: model the mask is one top-k over the whole model, so give one sparsity "
                 f"(or use scope: tensor for per-layer values)"
             )
-        for histogram, tv in zip(self._histograms, inputs.task_vectors()):
-            histogram.add(tv)
+        for i, histogram in enumerate(self._histograms):  # one task vector alive at a time
+            histogram.add(task_vector(inputs, i))
 
     def finish_observing(self, pass_index: int) -> None:
         self._thresholds = [histogram.threshold() for histogram in self._histograms]
 
     def merge(self, inputs: TensorInputs) -> torch.Tensor:
-        task_vectors = inputs.task_vectors()
         if self.scope == "model":
-            if self._thresholds is None or len(self._thresholds) != len(task_vectors):
+            if self._thresholds is None or len(self._thresholds) != len(inputs.models):
                 raise MergeplugError(
                     f"localize_stitch: {inputs.name}: scope: model needs the engine's pre-pass over every model "
                     f"before merging (observe, then finish_observing)"
                 )
-            masks = [magnitude_threshold_mask(tv, cut) for tv, cut in zip(task_vectors, self._thresholds)]
+            thresholds = self._thresholds
+
+            def keep(i, chunk):
+                return magnitude_threshold_mask(chunk, thresholds[i])
         else:
-            masks = [topk_mask(tv, float(inputs.parameters["sparsity"])) for tv in task_vectors]
-        stitched = torch.zeros_like(inputs.base)
-        coverage = torch.zeros_like(inputs.base)
-        for tv, mask in zip(task_vectors, masks):
-            stitched += torch.where(mask, tv, torch.zeros_like(tv))
-            coverage += mask
-        # stitched is already zero where no mask covers a position, so clamping the count only avoids 0/0.
-        return inputs.base + stitched / coverage.clamp_min(1)
+            keep = top_magnitudes_keep(inputs, [float(inputs.parameters["sparsity"])] * len(inputs.models))
+
+        def stitch(part: list[torch.Tensor]) -> torch.Tensor:
+            base = part[0]
+            stitched, coverage = torch.zeros_like(base), torch.zeros_like(base)
+            for i, model in enumerate(part[1:]):
+                tv = model - base
+                mask = keep(i, tv)
+                stitched += torch.where(mask, tv, torch.zeros_like(tv))
+                coverage += mask
+            # stitched is already zero where no mask covers a position, so clamping the count only avoids 0/0.
+            return base + stitched / coverage.clamp_min(1)
+
+        if inputs.base is None:
+            task_vector(inputs, 0)  # raises the missing-base error
+        return elementwise_in_chunks(stitch, [inputs.base, *inputs.models])

@@ -8,7 +8,8 @@
 
 ``trim_scope: tensor`` (default, mergekit's behaviour) trims each tensor on its own; ``trim_scope: model`` is the
 paper's (and MergeBench's) top-k over the whole model: a streaming pre-pass finds each model's magnitude
-threshold (mergeplug.merging.GlobalMagnitudeThreshold, exact up to its histogram bins of a factor 1.0006).
+threshold (mergeplug.merging.GlobalMagnitudeThreshold, exact up to the entries of one histogram bin, a
+factor of at most 1.0005).
 """
 import torch
 
