@@ -427,15 +427,21 @@ def magprune_keep_probabilities(t: torch.Tensor, density: float, epsilon: float)
     n = rows.shape[-1]
     if n < 2:
         return torch.full(t.shape, density, dtype=dtype, device=t.device)
-    if rows.dtype in _MAGNITUDE_BITS:  # integer keys sort in the same stable order as |x|, 25% faster
-        int_dtype, sign_off, _ = _MAGNITUDE_BITS[rows.dtype]
-        magnitude = rows.contiguous().view(int_dtype) & sign_off
-    else:
-        magnitude = rows.abs()
-    order = torch.argsort(magnitude, dim=-1, stable=True)
-    positions = torch.arange(n, device=t.device, dtype=dtype).expand_as(rows)
-    ranks = torch.empty(rows.shape, dtype=dtype, device=t.device).scatter_(-1, order, positions)
-    return (ranks.mul_(epsilon / (n - 1)).add_(density - epsilon / 2)).view(t.shape)
+    probabilities = torch.empty(rows.shape, dtype=dtype, device=t.device)
+    block = max(1, ELEMENTWISE_CHUNK // n)  # rows at a time: ranks are per row, so blocks are exact
+    positions = torch.arange(n, device=t.device, dtype=dtype).expand(block, n)
+    for start in range(0, rows.shape[0], block):
+        part = rows[start:start + block]
+        if part.dtype in _MAGNITUDE_BITS:  # integer keys sort in the same stable order as |x|, 25% faster
+            int_dtype, sign_off, _ = _MAGNITUDE_BITS[part.dtype]
+            magnitude = part.contiguous().view(int_dtype) & sign_off
+        else:
+            magnitude = part.abs()
+        order = torch.argsort(magnitude, dim=-1, stable=True)
+        out = probabilities[start:start + block]
+        out.scatter_(-1, order, positions[: part.shape[0]])
+        out.mul_(epsilon / (n - 1)).add_(density - epsilon / 2)
+    return probabilities.view(t.shape)
 
 
 def magprune(t: torch.Tensor, density: float, epsilon: float, generator: torch.Generator, rescale: bool = True,
