@@ -512,8 +512,9 @@ def breadcrumbs_keep(inputs: TensorInputs, densities: list[float], gammas: list[
     return lambda i, chunk: bands[i](chunk)
 
 
-def _pruned_chunks(inputs: TensorInputs, keep: KeepRule | None, reduce):
-    """Run ``reduce(τ̂ chunks)`` over aligned chunks of the task vectors, each pruned by ``keep``."""
+def _pruned_chunks(inputs: TensorInputs, keep: KeepRule | None, reduce, scale: float | None):
+    """``reduce(τ̂ chunks)`` over aligned chunks of the task vectors, each pruned by ``keep``; with ``scale``,
+    θ_base + scale · reduce(...), in the same pass."""
     if inputs.base is None:
         task_vector(inputs, 0)  # raises the missing-base error
 
@@ -522,42 +523,52 @@ def _pruned_chunks(inputs: TensorInputs, keep: KeepRule | None, reduce):
         if keep is not None:
             for i, tv in enumerate(task_vectors):
                 tv.masked_fill_(~keep(i, tv), 0)
-        return reduce(task_vectors)
+        reduced = reduce(task_vectors)
+        return reduced if scale is None else torch.add(part[0], reduced, alpha=scale)
 
     return elementwise_in_chunks(step, [inputs.base, *inputs.models])
 
 
+def _with_base(inputs: TensorInputs, merged: torch.Tensor, scale: float | None) -> torch.Tensor:
+    return merged if scale is None else torch.add(inputs.base, merged, alpha=scale)
+
+
 def summed_task_vectors(inputs: TensorInputs, sparsify: Sparsifier | None = None, *, keep: KeepRule | None = None,
-                        normalize: bool = False) -> torch.Tensor:
+                        normalize: bool = False, scale: float | None = None) -> torch.Tensor:
     """Σ_i w_i τ̂_i with w_i the per-model ``weight``: task arithmetic (arXiv:2212.04089) over task vectors
     pruned by ``sparsify`` (whole tensors, one alive at a time) or ``keep`` (a chunk at a time), or unpruned.
 
     normalize=True divides by Σ_i w_i, so weights are relative (mergekit's ``normalize`` of these methods).
+    With ``scale`` (λ) the result is the merged tensor θ_base + λ·Σ_i w_i τ̂_i, added in the same pass.
     """
     weights = inputs.weights("weight")
+    total_weight = float(weights.sum())
+    if normalize and total_weight == 0:
+        raise MergeplugError(f"{inputs.name}: normalize=true needs per-model weights that do not sum to 0")
+
+    def summed(tvs: list[torch.Tensor]) -> torch.Tensor:
+        total = weighted_sum(tvs, weights)
+        return total.div_(total_weight) if normalize else total
+
     if sparsify is None:
-        total = _pruned_chunks(inputs, keep, lambda tvs: weighted_sum(tvs, weights))
-    else:
-        total = torch.zeros_like(inputs.models[0])
-        for i, w in enumerate(weights.tolist()):
-            total.add_(sparsify(i, task_vector(inputs, i)), alpha=w)
-    if normalize:
-        if float(weights.sum()) == 0:
-            raise MergeplugError(f"{inputs.name}: normalize=true needs per-model weights that do not sum to 0")
-        total.div_(float(weights.sum()))
-    return total
+        return _pruned_chunks(inputs, keep, summed, scale)
+    total = torch.zeros_like(inputs.models[0])
+    for i, w in enumerate(weights.tolist()):  # one pruned task vector alive at a time
+        total.add_(sparsify(i, task_vector(inputs, i)), alpha=w)
+    return _with_base(inputs, total.div_(total_weight) if normalize else total, scale)
 
 
 def ties_task_vectors(inputs: TensorInputs, sparsify: Sparsifier | None = None, *, keep: KeepRule | None = None,
-                      sign_method: str = "sum", normalize: bool = True) -> torch.Tensor:
+                      sign_method: str = "sum", normalize: bool = True, scale: float | None = None) -> torch.Tensor:
     """:func:`ties_merge` of the task vectors pruned by ``sparsify`` or ``keep`` (see
-    :func:`summed_task_vectors`), weighted by ``weight``.
+    :func:`summed_task_vectors`), weighted by ``weight``; with ``scale`` (λ), θ_base + λ·that.
 
     With ``sparsify``, election needs every τ̂_i first, so this holds N pruned task vectors (never a stacked
     copy); with ``keep`` or no pruning, everything runs a cache-sized chunk at a time.
     """
     weights = inputs.weights("weight")
     if sparsify is None:
-        return _pruned_chunks(inputs, keep, lambda tvs: _elect_and_merge(tvs, weights, weights, sign_method, normalize))
+        return _pruned_chunks(
+            inputs, keep, lambda tvs: _elect_and_merge(tvs, weights, weights, sign_method, normalize), scale)
     pruned = [sparsify(i, task_vector(inputs, i)) for i in range(len(inputs.models))]
-    return ties_merge(pruned, weights, sign_method=sign_method, normalize=normalize)
+    return _with_base(inputs, ties_merge(pruned, weights, sign_method=sign_method, normalize=normalize), scale)

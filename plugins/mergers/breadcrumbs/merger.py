@@ -22,5 +22,7 @@ class BreadcrumbsMerger(Merger):
     def merge(self, inputs: TensorInputs) -> torch.Tensor:
         own = inputs.model_parameters
         crumbs = breadcrumbs_keep(inputs, [float(m["density"]) for m in own], [float(m["gamma"]) for m in own])
-        merged = summed_task_vectors(inputs, keep=crumbs, normalize=bool(inputs.parameters["normalize"]))
-        return torch.add(inputs.base, merged, alpha=float(inputs.parameters["lambda"]))
+        return summed_task_vectors(
+            inputs, keep=crumbs, normalize=bool(inputs.parameters["normalize"]),
+            scale=float(inputs.parameters["lambda"]),
+        )

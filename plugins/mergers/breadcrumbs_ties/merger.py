@@ -21,5 +21,7 @@ class BreadcrumbsTiesMerger(Merger):
 
         own = inputs.model_parameters
         crumbs = breadcrumbs_keep(inputs, [float(m["density"]) for m in own], [float(m["gamma"]) for m in own])
-        merged = ties_task_vectors(inputs, keep=crumbs, sign_method=p["sign_method"], normalize=p["normalize"])
-        return torch.add(inputs.base, merged, alpha=float(p["lambda"]))
+        return ties_task_vectors(
+            inputs, keep=crumbs, sign_method=p["sign_method"], normalize=p["normalize"],
+            scale=float(p["lambda"]),
+        )

@@ -23,5 +23,4 @@ class DareLinearMerger(Merger):
             density = float(inputs.model_parameters[i]["density"])
             return bernoulli_keep(tv, density, inputs.generator(i), bool(p["rescale"]))
 
-        merged = summed_task_vectors(inputs, drop, normalize=bool(p["normalize"]))
-        return torch.add(inputs.base, merged, alpha=float(p["lambda"]))
+        return summed_task_vectors(inputs, drop, normalize=bool(p["normalize"]), scale=float(p["lambda"]))

@@ -23,5 +23,7 @@ class DareTiesMerger(Merger):
             density = float(inputs.model_parameters[i]["density"])
             return bernoulli_keep(tv, density, inputs.generator(i), bool(p["rescale"]))
 
-        merged = ties_task_vectors(inputs, drop, sign_method=p["sign_method"], normalize=p["normalize"])
-        return torch.add(inputs.base, merged, alpha=float(p["lambda"]))
+        return ties_task_vectors(
+            inputs, drop, sign_method=p["sign_method"], normalize=p["normalize"],
+            scale=float(p["lambda"]),
+        )

@@ -26,5 +26,7 @@ class DellaMerger(Merger):
             return magprune(tv, float(params["density"]), float(params["epsilon"]), inputs.generator(i),
                             bool(p["rescale"]), where=f"della: {inputs.name}: {model_label(inputs, i)}")
 
-        merged = ties_task_vectors(inputs, prune, sign_method=p["sign_method"], normalize=p["normalize"])
-        return torch.add(inputs.base, merged, alpha=float(p["lambda"]))
+        return ties_task_vectors(
+            inputs, prune, sign_method=p["sign_method"], normalize=p["normalize"],
+            scale=float(p["lambda"]),
+        )

@@ -23,5 +23,4 @@ class DellaLinearMerger(Merger):
             return magprune(tv, float(params["density"]), float(params["epsilon"]), inputs.generator(i),
                             bool(p["rescale"]), where=f"della_linear: {inputs.name}: {model_label(inputs, i)}")
 
-        merged = summed_task_vectors(inputs, prune, normalize=bool(p["normalize"]))
-        return torch.add(inputs.base, merged, alpha=float(p["lambda"]))
+        return summed_task_vectors(inputs, prune, normalize=bool(p["normalize"]), scale=float(p["lambda"]))

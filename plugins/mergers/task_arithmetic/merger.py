@@ -15,5 +15,7 @@ class TaskArithmeticMerger(Merger):
     needs_base = True
 
     def merge(self, inputs: TensorInputs) -> torch.Tensor:
-        merged = summed_task_vectors(inputs, normalize=bool(inputs.parameters["normalize"]))
-        return torch.add(inputs.base, merged, alpha=float(inputs.parameters["lambda"]))
+        return summed_task_vectors(
+            inputs, normalize=bool(inputs.parameters["normalize"]),
+            scale=float(inputs.parameters["lambda"]),
+        )

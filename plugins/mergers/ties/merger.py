@@ -72,5 +72,7 @@ class TiesMerger(Merger):
         else:
             trim = top_magnitudes_keep(inputs, [float(m["density"]) for m in inputs.model_parameters])
 
-        merged = ties_task_vectors(inputs, keep=trim, sign_method=p["sign_method"], normalize=p["normalize"])
-        return torch.add(inputs.base, merged, alpha=float(p["lambda"]))
+        return ties_task_vectors(
+            inputs, keep=trim, sign_method=p["sign_method"], normalize=p["normalize"],
+            scale=float(p["lambda"]),
+        )
