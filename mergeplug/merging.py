@@ -118,6 +118,12 @@ _MAGNITUDE_BITS = {
 }
 
 
+def _magnitude_keys(x: torch.Tensor) -> torch.Tensor:
+    """|x| as flat integers ordered like |x| (x of a dtype in ``_MAGNITUDE_BITS``)."""
+    int_dtype, sign_off, _ = _MAGNITUDE_BITS[x.dtype]
+    return x.contiguous().view(int_dtype).reshape(-1) & sign_off
+
+
 class TopMagnitudes:
     """Exactly ``k`` entries of largest magnitude of a tensor that arrives as a stream of flat chunks.
 
@@ -142,21 +148,17 @@ class TopMagnitudes:
             self._exact = torch.zeros(self.n, dtype=torch.bool, device=first.device)
             self._exact[torch.sort(magnitude, descending=True, stable=True).indices[: self.k]] = True
             return
-        int_dtype, self._sign_off, shift = _MAGNITUDE_BITS[first.dtype]
-        self._int_dtype = int_dtype
+        shift = _MAGNITUDE_BITS[first.dtype][2]
         hist = torch.zeros(1 << 15, dtype=torch.int64, device=first.device)
         for c in chunks():
-            hist += torch.bincount(self._keys(c) >> shift, minlength=1 << 15)
+            hist += torch.bincount(_magnitude_keys(c) >> shift, minlength=1 << 15)
         above = torch.cumsum(hist.flip(0), 0)  # above[j]: entries in the top j+1 bins
         j = int(torch.searchsorted(above, torch.tensor(self.k, device=above.device)))
         top_bin = (1 << 15) - 1 - j
-        in_bin = torch.cat([keys[(keys >> shift) == top_bin] for keys in map(self._keys, chunks())])
+        in_bin = torch.cat([keys[(keys >> shift) == top_bin] for keys in map(_magnitude_keys, chunks())])
         higher = int(above[j - 1]) if j > 0 else 0  # entries in the bins above
         self.kth = torch.kthvalue(in_bin, in_bin.numel() - (self.k - higher) + 1).values
         self._ties = self.k - higher - int(torch.count_nonzero(in_bin > self.kth))
-
-    def _keys(self, chunk: torch.Tensor) -> torch.Tensor:  # |x| as integers ordered like |x|
-        return chunk.contiguous().view(self._int_dtype).flatten() & self._sign_off
 
     def mask(self, chunk: torch.Tensor) -> torch.Tensor:
         """The kept entries of the next chunk (same shape as it)."""
@@ -165,7 +167,7 @@ class TopMagnitudes:
             return torch.full_like(chunk, self.k > 0, dtype=torch.bool)
         if self._exact is not None:
             return self._exact[start:self._offset].view(chunk.shape)
-        keys = self._keys(chunk)
+        keys = _magnitude_keys(chunk)
         keep = keys > self.kth
         if self._ties > 0:
             ties = torch.nonzero(keys == self.kth).flatten()[: self._ties]
@@ -182,10 +184,7 @@ def _chunks_of(t: torch.Tensor) -> Callable[[], Iterable[torch.Tensor]]:
 def _top_magnitudes(t: torch.Tensor, k: int) -> torch.Tensor:
     """Flat boolean mask of exactly ``k`` entries of ``t`` with the largest magnitude (:class:`TopMagnitudes`)."""
     top = TopMagnitudes(_chunks_of(t), k, t.numel())
-    mask = torch.empty(t.numel(), dtype=torch.bool, device=t.device)
-    for s, chunk in zip(range(0, t.numel(), ELEMENTWISE_CHUNK), _chunks_of(t)()):
-        mask[s:s + chunk.numel()] = top.mask(chunk)
-    return mask
+    return torch.cat([top.mask(chunk) for chunk in _chunks_of(t)()])
 
 
 def topk_mask(t: torch.Tensor, density: float) -> torch.Tensor:
@@ -279,14 +278,13 @@ class GlobalMagnitudeThreshold:
         """|x| as integers ordered like |x|, a chunk at a time."""
         if self._dtype is None:
             self._dtype = x.dtype if x.dtype in _MAGNITUDE_BITS else torch.float32
-            int_dtype, self._sign_off, _ = _MAGNITUDE_BITS[self._dtype]
-            self._int_dtype, magnitude_bits = int_dtype, torch.iinfo(int_dtype).bits - 1
+            self._int_dtype = _MAGNITUDE_BITS[self._dtype][0]
+            magnitude_bits = torch.iinfo(self._int_dtype).bits - 1
             self._shift = max(magnitude_bits - self.BIN_BITS, 0)
             self.hist = torch.zeros(1 << (magnitude_bits - self._shift), dtype=torch.int64)
         flat = x.detach().reshape(-1)
         for start in range(0, flat.numel(), self.CHUNK):
-            chunk = flat[start:start + self.CHUNK].to(self._dtype)
-            yield chunk.contiguous().view(self._int_dtype) & self._sign_off
+            yield _magnitude_keys(flat[start:start + self.CHUNK].to(self._dtype))
 
     def add(self, x: torch.Tensor) -> None:
         for keys in self._keys(x):
@@ -433,8 +431,7 @@ def magprune_keep_probabilities(t: torch.Tensor, density: float, epsilon: float)
     for start in range(0, rows.shape[0], block):
         part = rows[start:start + block]
         if part.dtype in _MAGNITUDE_BITS:  # integer keys sort in the same stable order as |x|, 25% faster
-            int_dtype, sign_off, _ = _MAGNITUDE_BITS[part.dtype]
-            magnitude = part.contiguous().view(int_dtype) & sign_off
+            magnitude = _magnitude_keys(part).view(part.shape)
         else:
             magnitude = part.abs()
         order = torch.argsort(magnitude, dim=-1, stable=True)
