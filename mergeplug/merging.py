@@ -88,15 +88,19 @@ ELEMENTWISE_CHUNK = 1 << 18
 
 
 def elementwise_in_chunks(fn: Callable[[list[torch.Tensor]], torch.Tensor], tensors: list[torch.Tensor]) -> torch.Tensor:
-    """``fn`` applied to aligned cache-sized chunks of same-shape ``tensors``, assembled into one tensor.
+    """``fn`` applied to aligned cache-sized chunks of same-shape ``tensors`` (flat, whole rows of the last
+    dimension, in order), assembled into one tensor.
 
     For work that is elementwise per position (sign election, disjoint merge, TALL masks): each of its many
     passes then reads the CPU cache instead of main memory, 2-3x faster on large tensors, same result.
     """
+    shape = tensors[0].shape
+    row = shape[-1] if len(shape) else 1
+    step = max(row, ELEMENTWISE_CHUNK // row * row)  # whole rows, so per-row work (DELLA's ranks) stays exact
     flat = [t.reshape(-1) for t in tensors]
     out = torch.empty_like(flat[0])
-    for start in range(0, out.numel(), ELEMENTWISE_CHUNK):
-        out[start:start + ELEMENTWISE_CHUNK] = fn([f[start:start + ELEMENTWISE_CHUNK] for f in flat])
+    for start in range(0, out.numel(), step):
+        out[start:start + step] = fn([f[start:start + step] for f in flat])
     return out.view_as(tensors[0])
 
 def weighted_sum(tensors: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
@@ -465,14 +469,20 @@ def model_label(inputs: TensorInputs, model_index: int) -> str:
     return f"models[{model_index}] ({names[model_index]})" if model_index < len(names) else f"models[{model_index}]"
 
 
-#: ``sparsify(model_index, τ_i) -> τ̂_i``: a method's per-model pruning step that needs the whole tensor
-#: (DARE's and DELLA's random drops). τ_i is a fresh tensor the sparsifier may overwrite in place.
-Sparsifier = Callable[[int, torch.Tensor], torch.Tensor]
-
-#: ``keep(model_index, chunk of τ_i) -> kept entries``: a per-model mask that can be decided a chunk at a time,
-#: the chunks of each model arriving in order (TIES' trim, Breadcrumbs' band). Lets the task vectors be
-#: pruned and merged without ever existing whole.
+#: ``keep(model_index, chunk of τ_i) -> kept entries``: a per-model mask decided a chunk at a time, the chunks
+#: of each model arriving in order (TIES' trim, Breadcrumbs' band, Localize-and-Stitch's mask).
 KeepRule = Callable[[int, torch.Tensor], torch.Tensor]
+
+#: ``prune(model_index, chunk of τ_i) -> pruned chunk``: a method's per-model pruning step, given each model's
+#: chunks in order, each of whole rows (flat); it may overwrite the chunk. DARE and DELLA draw their random
+#: numbers from one generator per model and tensor, chunk after chunk: on the CPU that is the same stream as
+#: one draw over the whole tensor.
+ChunkPruner = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+def pruned_by(keep: KeepRule) -> ChunkPruner:
+    """The pruner that zeroes what ``keep`` does not keep."""
+    return lambda i, chunk: chunk.masked_fill_(~keep(i, chunk), 0)
 
 
 def task_vector_chunks(inputs: TensorInputs, model_index: int) -> Callable[[], Iterable[torch.Tensor]]:
@@ -509,31 +519,26 @@ def breadcrumbs_keep(inputs: TensorInputs, densities: list[float], gammas: list[
     return lambda i, chunk: bands[i](chunk)
 
 
-def _pruned_chunks(inputs: TensorInputs, keep: KeepRule | None, reduce, scale: float | None):
-    """``reduce(τ̂ chunks)`` over aligned chunks of the task vectors, each pruned by ``keep``; with ``scale``,
+def _pruned_chunks(inputs: TensorInputs, prune: ChunkPruner | None, reduce, scale: float | None):
+    """``reduce(τ̂ chunks)`` over aligned chunks of the task vectors, each pruned by ``prune``; with ``scale``,
     θ_base + scale · reduce(...), in the same pass."""
     if inputs.base is None:
         task_vector(inputs, 0)  # raises the missing-base error
 
     def step(part: list[torch.Tensor]) -> torch.Tensor:
         task_vectors = [model - part[0] for model in part[1:]]
-        if keep is not None:
-            for i, tv in enumerate(task_vectors):
-                tv.masked_fill_(~keep(i, tv), 0)
+        if prune is not None:
+            task_vectors = [prune(i, tv) for i, tv in enumerate(task_vectors)]
         reduced = reduce(task_vectors)
         return reduced if scale is None else torch.add(part[0], reduced, alpha=scale)
 
     return elementwise_in_chunks(step, [inputs.base, *inputs.models])
 
 
-def _with_base(inputs: TensorInputs, merged: torch.Tensor, scale: float | None) -> torch.Tensor:
-    return merged if scale is None else torch.add(inputs.base, merged, alpha=scale)
-
-
-def summed_task_vectors(inputs: TensorInputs, sparsify: Sparsifier | None = None, *, keep: KeepRule | None = None,
-                        normalize: bool = False, scale: float | None = None) -> torch.Tensor:
+def summed_task_vectors(inputs: TensorInputs, prune: ChunkPruner | None = None, *, normalize: bool = False,
+                        scale: float | None = None) -> torch.Tensor:
     """Σ_i w_i τ̂_i with w_i the per-model ``weight``: task arithmetic (arXiv:2212.04089) over task vectors
-    pruned by ``sparsify`` (whole tensors, one alive at a time) or ``keep`` (a chunk at a time), or unpruned.
+    pruned by ``prune``, or unpruned, a cache-sized chunk at a time: no full-size task vector is allocated.
 
     normalize=True divides by Σ_i w_i, so weights are relative (mergekit's ``normalize`` of these methods).
     With ``scale`` (λ) the result is the merged tensor θ_base + λ·Σ_i w_i τ̂_i, added in the same pass.
@@ -547,25 +552,13 @@ def summed_task_vectors(inputs: TensorInputs, sparsify: Sparsifier | None = None
         total = weighted_sum(tvs, weights)
         return total.div_(total_weight) if normalize else total
 
-    if sparsify is None:
-        return _pruned_chunks(inputs, keep, summed, scale)
-    total = torch.zeros_like(inputs.models[0])
-    for i, w in enumerate(weights.tolist()):  # one pruned task vector alive at a time
-        total.add_(sparsify(i, task_vector(inputs, i)), alpha=w)
-    return _with_base(inputs, total.div_(total_weight) if normalize else total, scale)
+    return _pruned_chunks(inputs, prune, summed, scale)
 
 
-def ties_task_vectors(inputs: TensorInputs, sparsify: Sparsifier | None = None, *, keep: KeepRule | None = None,
-                      sign_method: str = "sum", normalize: bool = True, scale: float | None = None) -> torch.Tensor:
-    """:func:`ties_merge` of the task vectors pruned by ``sparsify`` or ``keep`` (see
-    :func:`summed_task_vectors`), weighted by ``weight``; with ``scale`` (λ), θ_base + λ·that.
-
-    With ``sparsify``, election needs every τ̂_i first, so this holds N pruned task vectors (never a stacked
-    copy); with ``keep`` or no pruning, everything runs a cache-sized chunk at a time.
-    """
+def ties_task_vectors(inputs: TensorInputs, prune: ChunkPruner | None = None, *, sign_method: str = "sum",
+                      normalize: bool = True, scale: float | None = None) -> torch.Tensor:
+    """:func:`ties_merge` of the task vectors pruned by ``prune`` (see :func:`summed_task_vectors`), weighted
+    by ``weight``, a cache-sized chunk at a time; with ``scale`` (λ), θ_base + λ·that."""
     weights = inputs.weights("weight")
-    if sparsify is None:
-        return _pruned_chunks(
-            inputs, keep, lambda tvs: _elect_and_merge(tvs, weights, weights, sign_method, normalize), scale)
-    pruned = [sparsify(i, task_vector(inputs, i)) for i in range(len(inputs.models))]
-    return _with_base(inputs, ties_merge(pruned, weights, sign_method=sign_method, normalize=normalize), scale)
+    return _pruned_chunks(
+        inputs, prune, lambda tvs: _elect_and_merge(tvs, weights, weights, sign_method, normalize), scale)

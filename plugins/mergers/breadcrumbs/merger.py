@@ -13,7 +13,7 @@ gamma + density > 1 fewer outliers are dropped (mergekit's rule). ``normalize: t
 """
 import torch
 
-from mergeplug.merging import Merger, TensorInputs, breadcrumbs_keep, summed_task_vectors
+from mergeplug.merging import Merger, TensorInputs, breadcrumbs_keep, pruned_by, summed_task_vectors
 
 
 class BreadcrumbsMerger(Merger):
@@ -23,6 +23,6 @@ class BreadcrumbsMerger(Merger):
         own = inputs.model_parameters
         crumbs = breadcrumbs_keep(inputs, [float(m["density"]) for m in own], [float(m["gamma"]) for m in own])
         return summed_task_vectors(
-            inputs, keep=crumbs, normalize=bool(inputs.parameters["normalize"]),
+            inputs, pruned_by(crumbs), normalize=bool(inputs.parameters["normalize"]),
             scale=float(inputs.parameters["lambda"]),
         )

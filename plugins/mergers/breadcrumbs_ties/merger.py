@@ -10,7 +10,7 @@ Defaults (our choice, see ``breadcrumbs``): density 0.9, gamma 0.01 (mergekit's)
 """
 import torch
 
-from mergeplug.merging import Merger, TensorInputs, breadcrumbs_keep, ties_task_vectors
+from mergeplug.merging import Merger, TensorInputs, breadcrumbs_keep, pruned_by, ties_task_vectors
 
 
 class BreadcrumbsTiesMerger(Merger):
@@ -22,6 +22,6 @@ class BreadcrumbsTiesMerger(Merger):
         own = inputs.model_parameters
         crumbs = breadcrumbs_keep(inputs, [float(m["density"]) for m in own], [float(m["gamma"]) for m in own])
         return ties_task_vectors(
-            inputs, keep=crumbs, sign_method=p["sign_method"], normalize=p["normalize"],
+            inputs, pruned_by(crumbs), sign_method=p["sign_method"], normalize=p["normalize"],
             scale=float(p["lambda"]),
         )

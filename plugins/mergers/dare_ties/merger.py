@@ -18,10 +18,11 @@ class DareTiesMerger(Merger):
 
     def merge(self, inputs: TensorInputs) -> torch.Tensor:
         p = inputs.parameters
+        generators = [inputs.generator(i) for i in range(len(inputs.models))]  # drawn from chunk after chunk
 
-        def drop(i, tv):
+        def drop(i, chunk):
             density = float(inputs.model_parameters[i]["density"])
-            return bernoulli_keep(tv, density, inputs.generator(i), bool(p["rescale"]))
+            return bernoulli_keep(chunk, density, generators[i], bool(p["rescale"]))
 
         return ties_task_vectors(
             inputs, drop, sign_method=p["sign_method"], normalize=p["normalize"],

@@ -17,10 +17,12 @@ class DellaLinearMerger(Merger):
 
     def merge(self, inputs: TensorInputs) -> torch.Tensor:
         p = inputs.parameters
+        generators = [inputs.generator(i) for i in range(len(inputs.models))]  # drawn from chunk after chunk
+        row = inputs.models[0].shape[-1] if inputs.models[0].dim() else 1  # MAGPRUNE ranks within rows
 
-        def prune(i, tv):
+        def prune(i, chunk):
             params = inputs.model_parameters[i]
-            return magprune(tv, float(params["density"]), float(params["epsilon"]), inputs.generator(i),
-                            bool(p["rescale"]), where=f"della_linear: {inputs.name}: {model_label(inputs, i)}")
+            return magprune(chunk.view(-1, row), float(params["density"]), float(params["epsilon"]), generators[i],
+                            bool(p["rescale"]), where=f"della_linear: {inputs.name}: {model_label(inputs, i)}").reshape(-1)
 
         return summed_task_vectors(inputs, prune, normalize=bool(p["normalize"]), scale=float(p["lambda"]))

@@ -21,6 +21,7 @@ from mergeplug.merging import (
     magnitude_threshold_mask,
     model_label,
     task_vector,
+    pruned_by,
     ties_task_vectors,
     top_magnitudes_keep,
 )
@@ -73,6 +74,6 @@ class TiesMerger(Merger):
             trim = top_magnitudes_keep(inputs, [float(m["density"]) for m in inputs.model_parameters])
 
         return ties_task_vectors(
-            inputs, keep=trim, sign_method=p["sign_method"], normalize=p["normalize"],
+            inputs, pruned_by(trim), sign_method=p["sign_method"], normalize=p["normalize"],
             scale=float(p["lambda"]),
         )
