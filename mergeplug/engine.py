@@ -477,6 +477,9 @@ def model_card(plan: MergePlan) -> str:
     front["library_name"] = "transformers"
     front["tags"] = ["merge", "mergeplug"]
     component = recipe.components["method"]
+    # Every input, local folder or hub id, under our own key: the hub's base_model takes hub ids only.
+    front["mergeplug"] = {"method": component.name, **({"base_model": plan.base.ref} if plan.base else {}),
+                          "models": [m.ref for m in plan.models]}
     if recipe.path is not None and recipe.path.is_file():
         recipe_text = recipe.path.read_text(encoding="utf-8")
     else:

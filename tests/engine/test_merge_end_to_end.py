@@ -195,6 +195,9 @@ def test_model_card_front_matter_is_yaml_and_holds_the_recipe(zoo, write_recipe,
     assert front["library_name"] == "transformers"
     assert front["tags"] == ["merge", "mergeplug"]
     assert "base_model" not in front  # local folders are not hub ids: kept out of the hub's metadata
+    assert front["mergeplug"]["method"] == "linear"
+    assert front["mergeplug"]["base_model"] == str(zoo["base"])
+    assert front["mergeplug"]["models"] == [m["model"] for m in data["models"]]
     assert card.count("# tiny soup") == 1
     block = re.search(r"```yaml\n(.*?)```", card, re.S).group(1)
     assert yaml.safe_load(block) == yaml.safe_load(recipe.read_text())
