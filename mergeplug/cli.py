@@ -13,6 +13,7 @@ import click
 
 from . import __version__
 from .errors import MergeplugError
+from .hookspecs import KINDS
 from .plugins import get_registry
 
 
@@ -64,7 +65,7 @@ def _rows(kind: str | None) -> list[dict]:
 
 
 @cli.command("list")
-@click.option("--kind", type=click.Choice(["merger", "aligner", "finetuner", "evaluator", "domain", "family"]),
+@click.option("--kind", type=click.Choice(KINDS),
               help="Only components of this kind.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON array of objects instead of a table.")
 def list_command(kind, as_json):
@@ -118,7 +119,7 @@ def _describe_parameters(schema: dict) -> list[str]:
 
 @cli.command("show")
 @click.argument("name")
-@click.option("--kind", type=click.Choice(["merger", "aligner", "finetuner", "evaluator", "domain", "family"]),
+@click.option("--kind", type=click.Choice(KINDS),
               help="The component's kind, when several kinds share the name.")
 @click.option("--json", "as_json", is_flag=True, help="Print the component and its parameter schema as JSON.")
 def show_command(name, kind, as_json):

@@ -28,6 +28,8 @@ class ModelFamily:
     ties_embeddings_by_default: ClassVar[bool] = False
     #: Whether input embeddings are multiplied by sqrt(hidden_size) in the forward pass (Gemma's normaliser).
     scales_embeddings_by_sqrt_hidden: ClassVar[bool] = False
+    #: A Jinja chat template for tokenizers that ship none (used only when a run asks for a chat template).
+    chat_template: ClassVar[str | None] = None
     #: Known quirks, shown by ``mergeplug show`` and in warnings.
     notes: ClassVar[str] = ""
 

@@ -46,6 +46,16 @@ def register_evaluators(register):
 
 
 @hookspec
+def register_judges(register):
+    """Register judges: label a model's responses (e.g. refusal or not) for evaluators that need a verdict."""
+
+
+@hookspec
+def register_backends(register):
+    """Register model-runner backends: batched generation and log-likelihood scoring (transformers, vLLM)."""
+
+
+@hookspec
 def register_domains(register):
     """Register domains: a capability's training data and benchmarks (data and configuration)."""
 
@@ -68,6 +78,11 @@ KIND_HOOKS = {
     "aligner": "register_aligners",
     "finetuner": "register_finetuners",
     "evaluator": "register_evaluators",
+    "judge": "register_judges",
+    "backend": "register_backends",
     "domain": "register_domains",
     "family": "register_families",
 }
+
+#: Every component kind, in the order ``mergeplug list`` shows them.
+KINDS = tuple(KIND_HOOKS)
