@@ -19,6 +19,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence, Union
 
+from .errors import MergeplugError
+
 
 # --- what an evaluator asks of the model -------------------------------------------------------------------
 @dataclass(frozen=True)
@@ -122,6 +124,11 @@ class Evaluator:
         """Score the answers to :meth:`requests` (same order)."""
         raise NotImplementedError(f"{type(self).__name__} must implement score()")
 
+    def score_batch(self, samples: Sequence[dict], answers: Sequence[list[Answer]]) -> list[Scored]:
+        """Score many samples at once; the evaluate loop always calls this. Override it when scoring is cheaper
+        in bulk (a judge model labelling a whole batch); by default, :meth:`score` per sample."""
+        return [self.score(sample, got) for sample, got in zip(samples, answers)]
+
     def aggregate(self, scored: Sequence[Scored]) -> dict[str, Metric]:
         """Each metric's mean over the samples that have it, with its standard error."""
         names = list(self.metrics) or sorted({k for s in scored for k in s.scores})
@@ -157,8 +164,13 @@ def load_judge(name: str, **parameters: Any) -> Judge:
     """The judge component ``name`` (``mergeplug list --kind judge``), built with ``parameters``."""
     from .plugins import get_registry
 
+    from .schema import problems, with_defaults
+
     component = get_registry().get("judge", name)
-    return component.load()(**parameters)
+    lines = problems(parameters, component.parameters, source=f"judge {name!r}", prefix=["judge_parameters"])
+    if lines:
+        raise MergeplugError(*lines)
+    return component.load()(**with_defaults(parameters, component.parameters))
 
 
 # --- metrics as local `evaluate` modules -------------------------------------------------------------------
@@ -178,7 +190,5 @@ def load_metric(path: str | Any) -> Any:
         try:
             _METRICS[key] = evaluate.load(key)
         except Exception as exc:  # noqa: BLE001 - evaluate raises many kinds; the path is what the user needs
-            from .errors import MergeplugError
-
             raise MergeplugError(f"{key}: cannot load the evaluate metric module: {type(exc).__name__}: {exc}") from exc
     return _METRICS[key]
