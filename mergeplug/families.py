@@ -77,10 +77,6 @@ class ModelFamily:
             )
         return float(hidden_size) ** 0.5
 
-    def chat_template(self) -> str | None:
-        """A chat template to use when the tokenizer ships none."""
-        return None
-
 
 def family_for(config: dict, registry=None, *, source: str = "model") -> ModelFamily:
     """The registered family whose ``model_types`` holds ``config['model_type']``, else the generic one."""

@@ -21,6 +21,15 @@ class GemmaFamily(ModelFamily):
     ties_embeddings_by_default = True
     # Input embeddings are multiplied by sqrt(hidden_size) (transformers' Gemma models; the papers' normaliser).
     scales_embeddings_by_sqrt_hidden = True
+    # Our own template in Gemma's turn format (<start_of_turn>user / model ... <end_of_turn>; arXiv:2403.08295),
+    # used only when a run asks for a chat template and the tokenizer ships none. Gemma has no system role: a
+    # system message is rendered as a user turn (our choice).
+    chat_template = (
+        "{{ bos_token }}{% for message in messages %}"
+        "{% if message['role'] == 'assistant' %}{% set role = 'model' %}{% else %}{% set role = 'user' %}{% endif %}"
+        "<start_of_turn>{{ role }}\n{{ message['content'] | trim }}<end_of_turn>\n{% endfor %}"
+        "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+    )
     notes = (
         "Input embeddings are multiplied by sqrt(hidden_size) (embedding_scale), a factor cast to the weights' "
         "dtype: in bf16 sqrt(3072) = 55.43 becomes 55.5. Input and output embeddings are tied. RMSNorm scales "

@@ -18,6 +18,14 @@ class LlamaFamily(ModelFamily):
     lm_head_names = ("lm_head.weight",)
     # transformers' LlamaConfig defaults tie_word_embeddings to False; a checkpoint that ties says so.
     ties_embeddings_by_default = False
+    # Our own template in the Llama 3 turn format (header tokens, <|eot_id|> after each turn; arXiv:2407.21783),
+    # used only when a run asks for a chat template and the tokenizer ships none. Llama 1/2 tokenizers lack these
+    # special tokens: give such a model its own template string instead.
+    chat_template = (
+        "{{ bos_token }}{% for message in messages %}<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
+        "{{ message['content'] | trim }}<|eot_id|>{% endfor %}"
+        "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+    )
     notes = (
         "Llama 3.2 1B/3B tie input and output embeddings (tie_word_embeddings: true, no lm_head.weight in the "
         "file); Llama 3.1 8B and Llama 2 do not. Llama 3 has a 128256-token vocabulary, and some MergeBench "
