@@ -190,12 +190,13 @@ DOMAIN_YAML = '''\
 # A mergeplug domain: checked against mergeplug's schemas/domain.schema.json.
 name: {name}
 description: {description}
+role: capability                           # or base_ability: benchmarks kept for measuring forgetting
 prompt_format: alpaca
 training:
   - dataset: your-org/your-training-set   # a Hugging Face data set id, loaded when online
     split: train
-    columns: {{instruction: question, response: answer}}
-    sample: sample.jsonl                   # offline sample, used when the hub is out of reach
+    columns: {{instruction: question, response: answer}}   # our field: the data set's column
+    sample: sample.jsonl                   # offline sample, in the data set's columns (your own rows)
 benchmarks:
   - name: {name}_qa
     dataset: your-org/your-benchmark
@@ -204,8 +205,9 @@ benchmarks:
     sample: sample.jsonl
     prompt: "Q: {{question}}\\nA:"
     evaluator: exact_match
+    evaluator_parameters: {{extract: [last_number]}}
     generation: {{max_new_tokens: 32, stop: ["\\n"]}}
-    metric: exact_match
+    metric: exact_match_last_number
 '''
 
 DOMAIN_SAMPLE = '''\
@@ -215,8 +217,7 @@ DOMAIN_SAMPLE = '''\
 
 DOMAIN_TEST = '''\
 """Tests of the {name} domain: found through the real plugin manager, its data file is valid."""
-import json
-
+from mergeplug.data import load_rows, render_prompt
 from mergeplug.plugins import Registry
 
 
@@ -225,9 +226,9 @@ def test_domain_loads_and_sample_reads():
     assert domain.name == "{name}"
     bench = domain.benchmarks[0]
     assert bench["evaluator"] == "exact_match"
-    rows = [json.loads(line) for line in open(bench["sample"], encoding="utf-8")]
-    assert rows[0] == {{"question": "What is 2 + 3?", "answer": "5"}}
-    assert bench["prompt"].format(**rows[0]) == "Q: What is 2 + 3?\\nA:"
+    rows = load_rows(bench, offline=True).rows
+    assert rows[0] == {{"question": "What is 2 + 3?", "answer": "5", "id": 0}}
+    assert render_prompt(bench, rows[0]) == "Q: What is 2 + 3?\\nA:"
 '''
 
 FILES = {

@@ -1,0 +1,1 @@
+"""Built-in domains, each its own plugin (entry point) in its own folder."""
