@@ -209,6 +209,85 @@ def merge_command(recipe, output, force, device, dtype):
     click.echo(f"wrote {out}")
 
 
+# --- evaluating --------------------------------------------------------------------------------------------
+def _pairs(values, option):
+    out = {}
+    for value in values:
+        key, sep, rest = value.partition("=")
+        if not sep or not key or not rest:
+            raise MergeplugError(f"{option} {value!r}: write NAME=VALUE (e.g. {option} math=./specialists/math)")
+        out[key] = rest
+    return out
+
+
+@cli.command("evaluate")
+@click.argument("models", nargs=-1)
+@click.option("--domains", "domains", default=None, help="Comma-separated domain names, or all (the five capability domains).")
+@click.option("-o", "--output", "output", default=None, type=click.Path(file_okay=False), help="Results folder.")
+@click.option("--recipe", "recipe", default=None, type=click.Path(dir_okay=False), help="An evaluate recipe (options given here override it).")
+@click.option("--base", "base", default=None, help="The base model: evaluated too, the reference for forgetting.")
+@click.option("--specialist", "specialists", multiple=True, metavar="DOMAIN=MODEL",
+              help="A domain's specialist: evaluated too, the reference for normalised performance. Repeatable.")
+@click.option("--backend", default=None, help="Model runner backend (`mergeplug list --kind backend`). [default: transformers]")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Sequences per forward pass. [default: 16]")
+@click.option("--device", default=None, help="auto, cpu, cuda, cuda:N or mps. [default: auto]")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16"]), default=None,
+              help="Weights dtype. [default: auto: bf16 on a GPU that supports it, else float32]")
+@click.option("--chat-template/--no-chat-template", "chat_template", default=None,
+              help="Wrap prompts in the model's chat template. [default: off, as MergeBench evaluates]")
+@click.option("--max-length", type=click.IntRange(min=1), default=None, help="Longest prompt + output in tokens.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="At most this many samples per benchmark.")
+@click.option("--data", "data", multiple=True, metavar="BENCHMARK=PATH",
+              help="Local data (JSONL/JSON/parquet/CSV file or folder) for a benchmark (gsm8k or math.gsm8k). Repeatable.")
+@click.option("--offline", is_flag=True, default=None, help="Never try the hub: local data or the shipped samples.")
+@click.option("--trust-remote-code", is_flag=True, default=None, help="Allow a model's own code to run.")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+def evaluate_command(models, domains, output, recipe, base, specialists, backend, batch_size, device, dtype,
+                     chat_template, max_length, limit, data, offline, trust_remote_code, quiet):
+    """Evaluate MODELS on domains' benchmarks: per-sample records, metrics with standard errors, and a table.
+
+    A rerun into the same folder skips every sample already scored.
+    """
+    from pathlib import Path
+
+    from .evaluate_models import EvaluateOptions, evaluate_models
+    from .recipe import load_recipe
+
+    conf: dict = {}
+    if recipe:
+        conf = dict(load_recipe(recipe, kind="evaluate").data)
+    given = {"models": list(models) or None, "domains": domains.split(",") if domains else None, "base_model": base,
+             "backend": backend, "batch_size": batch_size, "device": device, "dtype": dtype,
+             "chat_template": chat_template, "max_length": max_length, "limit": limit, "offline": offline,
+             "trust_remote_code": trust_remote_code}
+    conf.update({k: v for k, v in given.items() if v is not None})
+    conf.setdefault("specialists", {}).update(_pairs(specialists, "--specialist"))
+    sources = dict(conf.get("data") or {})
+    for name, path in _pairs(data, "--data").items():
+        sources[name] = {"data_dir": path} if Path(path).is_dir() else {"data_files": path}
+    if not conf.get("models"):
+        raise MergeplugError("evaluate: name at least one MODEL (a model folder or hub id), or a --recipe with `models`")
+    if not conf.get("domains"):
+        raise MergeplugError("evaluate: say which --domains (e.g. --domains math,coding or --domains all)")
+    if not output:
+        raise MergeplugError("evaluate: give a results folder with -o/--output")
+    registry = get_registry()
+    backend_name = conf.get("backend", "transformers")
+    registry.get("backend", backend_name)  # an unknown backend fails here, before any data is read
+    backend_options = {"device": conf.get("device", "auto"), "dtype": conf.get("dtype", "auto"),
+                       "batch_size": conf.get("batch_size", 16), "chat_template": conf.get("chat_template", False),
+                       "max_length": conf.get("max_length"), "trust_remote_code": conf.get("trust_remote_code", False)}
+    options = EvaluateOptions(backend=backend_name, backend_options=backend_options, limit=conf.get("limit"),
+                              data=sources, offline=conf.get("offline"), progress=not quiet)
+    domain_names = conf["domains"]
+    summary = evaluate_models(conf["models"], domain_names if domain_names != ["all"] else "all", output, options,
+                              base=conf.get("base_model"), specialists=conf.get("specialists"))
+    from .evaluate_models import format_table
+
+    click.echo(format_table(summary))
+    click.echo(f"results in {output}")
+
+
 def main(argv=None):
     """Console entry point: lets plugins add commands, then runs the group."""
     try:

@@ -214,7 +214,9 @@ def _domains(recipe: Recipe, registry: Registry, out: list[str]) -> None:
     value = recipe.data.get("domains")
     names = [value] if isinstance(value, str) else list(value or [])
     if names == ["all"]:
-        recipe.data["domains"] = registry.names("domain")
+        # Resolved when used (mergeplug.data.resolve_domains): "all" means the capability domains, and telling
+        # those from base-ability ones needs each domain's file.
+        recipe.data["domains"] = ["all"]
         return
     for i, name in enumerate(names):
         where = ["domains"] if isinstance(value, str) else ["domains", i]

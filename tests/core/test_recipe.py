@@ -163,7 +163,7 @@ def test_yaml_and_json_files(tmp_path, registry):
 
 def test_finetune_recipe_checks_domains_and_finetuner_parameters(registry):
     recipe = check_recipe({"kind": "finetune", "base_model": "b", "domains": "all"}, source="f.yaml", registry=registry)
-    assert recipe.data["domains"] == ["coding", "math"]
+    assert recipe.data["domains"] == ["all"]  # resolved when used: "all" is the capability domains
     assert recipe.data["parameters"] == {"lr": 2e-5} and recipe.data["finetuner"] == "full"
     lines = problems_of({"kind": "finetune", "base_model": "b", "domains": ["math", "maths"],
                          "parameters": {"lr": 0}}, registry, "f.yaml")
