@@ -237,13 +237,15 @@ def _pairs(values, option):
               help="Wrap prompts in the model's chat template. [default: off, as MergeBench evaluates]")
 @click.option("--max-length", type=click.IntRange(min=1), default=None, help="Longest prompt + output in tokens.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="At most this many samples per benchmark.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=None,
+              help="Cap every benchmark's generation length (quick smoke runs; scores differ from the protocol's).")
 @click.option("--data", "data", multiple=True, metavar="BENCHMARK=PATH",
               help="Local data (JSONL/JSON/parquet/CSV file or folder) for a benchmark (gsm8k or math.gsm8k). Repeatable.")
 @click.option("--offline", is_flag=True, default=None, help="Never try the hub: local data or the shipped samples.")
 @click.option("--trust-remote-code", is_flag=True, default=None, help="Allow a model's own code to run.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 def evaluate_command(models, domains, output, recipe, base, specialists, backend, batch_size, device, dtype,
-                     chat_template, max_length, limit, data, offline, trust_remote_code, quiet):
+                     chat_template, max_length, limit, max_new_tokens, data, offline, trust_remote_code, quiet):
     """Evaluate MODELS on domains' benchmarks: per-sample records, metrics with standard errors, and a table.
 
     A rerun into the same folder skips every sample already scored.
@@ -278,7 +280,8 @@ def evaluate_command(models, domains, output, recipe, base, specialists, backend
                        "batch_size": conf.get("batch_size", 16), "chat_template": conf.get("chat_template", False),
                        "max_length": conf.get("max_length"), "trust_remote_code": conf.get("trust_remote_code", False)}
     options = EvaluateOptions(backend=backend_name, backend_options=backend_options, limit=conf.get("limit"),
-                              data=sources, offline=conf.get("offline"), progress=not quiet)
+                              data=sources, offline=conf.get("offline"), progress=not quiet,
+                              max_new_tokens=max_new_tokens)
     domain_names = conf["domains"]
     summary = evaluate_models(conf["models"], domain_names if domain_names != ["all"] else "all", output, options,
                               base=conf.get("base_model"), specialists=conf.get("specialists"))

@@ -49,6 +49,7 @@ class EvaluateOptions:
     data: dict = field(default_factory=dict)  # benchmark name (or domain.benchmark) -> dataSource
     offline: bool | None = None
     progress: bool = True
+    max_new_tokens: int | None = None  # caps every benchmark's generation length (quick smoke runs)
 
 
 def model_key(model: str) -> str:
@@ -134,6 +135,7 @@ class BenchmarkPlan:
     origin: str
     prompts: list[str]
     keys: list[str]
+    generation: dict
 
     @property
     def name(self) -> str:
@@ -170,9 +172,12 @@ def plan_benchmark(domain, benchmark: dict, options: EvaluateOptions) -> Benchma
         )
     shots = data_module.few_shot_rows(benchmark)
     prompts = [data_module.render_prompt(benchmark, row, shots) for row in rows]
-    generation = benchmark.get("generation") or {}
+    generation = dict(benchmark.get("generation") or {})
+    if options.max_new_tokens is not None and generation.get("max_new_tokens", options.max_new_tokens) > options.max_new_tokens:
+        generation["max_new_tokens"] = options.max_new_tokens
     keys = [_settings_key(p, generation, component.name, parameters) for p in prompts]
-    return BenchmarkPlan(domain.name, benchmark, component.name, evaluator, parameters, rows, loaded.origin, prompts, keys)
+    return BenchmarkPlan(domain.name, benchmark, component.name, evaluator, parameters, rows, loaded.origin, prompts,
+                         keys, generation)
 
 
 def _answers_for_record(answers: list) -> list:
@@ -205,7 +210,7 @@ def run_benchmark(plan: BenchmarkPlan, records_path: Path, get_backend, *, progr
         _write_text_atomic(records_path, "".join(
             json.dumps(_clean(r), ensure_ascii=False, default=_json_default) + "\n" for r in records.values()))
         backend = get_backend()
-        generation = plan.benchmark.get("generation") or {}
+        generation = plan.generation
         with records_path.open("a", encoding="utf-8") as f:
             for start in range(0, len(pending), ROUND_SAMPLES):
                 chunk = pending[start:start + ROUND_SAMPLES]
