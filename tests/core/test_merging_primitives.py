@@ -65,3 +65,23 @@ def test_global_threshold_edges():
     for t in (none, everything):
         t.add(torch.tensor([1.0, -2.0, 3.0]))
     assert none.threshold() == float("inf") and everything.threshold() == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("k", [0, 1, 9, 250, 333, 999, 1000])
+def test_prune_keeps_what_the_mask_keeps_with_ties_spread_over_chunks(monkeypatch, dtype, k):
+    import mergeplug.merging as merging
+
+    monkeypatch.setattr(merging, "ELEMENTWISE_CHUNK", 64)  # ties fall in many chunks
+    gen = torch.Generator().manual_seed(k)
+    x = (torch.randn(1000, generator=gen) * 0.01).to(dtype)
+    x[::3] = 0.5  # a third of the entries tie at the cut for k = 250 and 333
+    x[1::3] = -x[1::3].abs() - 1.0  # larger than the ties, negative: sign must survive
+    chunks = merging._chunks_of(x)
+    masked = torch.cat([c * m for c, m in zip(chunks(), map(merging.TopMagnitudes(chunks, k, 1000).mask, chunks()))])
+    top = merging.TopMagnitudes(chunks, k, 1000)
+    pruned = torch.cat([top.prune(c) for c in chunks()])
+    assert torch.equal(pruned, masked)
+    assert int(torch.count_nonzero(masked)) == k  # no kept entry is zero here
+    expected = x * topk_mask(x, k / 1000)
+    assert torch.equal(pruned, expected)

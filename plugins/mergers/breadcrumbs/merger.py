@@ -13,7 +13,7 @@ gamma + density > 1 fewer outliers are dropped (mergekit's rule). ``normalize: t
 """
 import torch
 
-from mergeplug.merging import Merger, TensorInputs, breadcrumbs_keep, pruned_by, summed_task_vectors
+from mergeplug.merging import Merger, TensorInputs, breadcrumbs_prune, summed_task_vectors
 
 
 class BreadcrumbsMerger(Merger):
@@ -21,8 +21,8 @@ class BreadcrumbsMerger(Merger):
 
     def merge(self, inputs: TensorInputs) -> torch.Tensor:
         own = inputs.model_parameters
-        crumbs = breadcrumbs_keep(inputs, [float(m["density"]) for m in own], [float(m["gamma"]) for m in own])
+        crumbs = breadcrumbs_prune(inputs, [float(m["density"]) for m in own], [float(m["gamma"]) for m in own])
         return summed_task_vectors(
-            inputs, pruned_by(crumbs), normalize=bool(inputs.parameters["normalize"]),
+            inputs, crumbs, normalize=bool(inputs.parameters["normalize"]),
             scale=float(inputs.parameters["lambda"]),
         )

@@ -10,7 +10,7 @@ Defaults (our choice, see ``breadcrumbs``): density 0.9, gamma 0.01 (mergekit's)
 """
 import torch
 
-from mergeplug.merging import Merger, TensorInputs, breadcrumbs_keep, pruned_by, ties_task_vectors
+from mergeplug.merging import Merger, TensorInputs, breadcrumbs_prune, ties_task_vectors
 
 
 class BreadcrumbsTiesMerger(Merger):
@@ -20,8 +20,8 @@ class BreadcrumbsTiesMerger(Merger):
         p = inputs.parameters
 
         own = inputs.model_parameters
-        crumbs = breadcrumbs_keep(inputs, [float(m["density"]) for m in own], [float(m["gamma"]) for m in own])
+        crumbs = breadcrumbs_prune(inputs, [float(m["density"]) for m in own], [float(m["gamma"]) for m in own])
         return ties_task_vectors(
-            inputs, pruned_by(crumbs), sign_method=p["sign_method"], normalize=p["normalize"],
+            inputs, crumbs, sign_method=p["sign_method"], normalize=p["normalize"],
             scale=float(p["lambda"]),
         )

@@ -76,7 +76,7 @@ class LocalizeAndStitch(Merger):
             for i, model in enumerate(part[1:]):
                 tv = model - base
                 mask = keep(i, tv)
-                stitched += torch.where(mask, tv, torch.zeros_like(tv))
+                stitched += tv.mul_(mask)  # multiplying by the mask: faster on CPU than where()
                 coverage += mask
             # stitched is already zero where no mask covers a position, so clamping the count only avoids 0/0.
             return base + stitched / coverage.clamp_min(1)

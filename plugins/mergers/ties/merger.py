@@ -23,7 +23,7 @@ from mergeplug.merging import (
     task_vector,
     pruned_by,
     ties_task_vectors,
-    top_magnitudes_keep,
+    top_magnitudes_prune,
 )
 
 TRIM_SCOPES = ("tensor", "model")
@@ -68,12 +68,11 @@ class TiesMerger(Merger):
                     f"ties: {inputs.name}: trim_scope: model needs the engine's pre-pass over every tensor first")
             thresholds = self._thresholds
 
-            def trim(i, chunk):
-                return magnitude_threshold_mask(chunk, thresholds[i])
+            trim = pruned_by(lambda i, chunk: magnitude_threshold_mask(chunk, thresholds[i]))
         else:
-            trim = top_magnitudes_keep(inputs, [float(m["density"]) for m in inputs.model_parameters])
+            trim = top_magnitudes_prune(inputs, [float(m["density"]) for m in inputs.model_parameters])
 
         return ties_task_vectors(
-            inputs, pruned_by(trim), sign_method=p["sign_method"], normalize=p["normalize"],
+            inputs, trim, sign_method=p["sign_method"], normalize=p["normalize"],
             scale=float(p["lambda"]),
         )
