@@ -85,3 +85,47 @@ def test_prune_keeps_what_the_mask_keeps_with_ties_spread_over_chunks(monkeypatc
     assert int(torch.count_nonzero(masked)) == k  # no kept entry is zero here
     expected = x * topk_mask(x, k / 1000)
     assert torch.equal(pruned, expected)
+
+
+def _kept(x, k):
+    import mergeplug.merging as merging
+
+    chunks = merging._chunks_of(x)
+    top = merging.TopMagnitudes(chunks, k, x.numel())
+    return torch.cat([top.prune(c) for c in chunks()])
+
+
+@pytest.mark.parametrize("density", [0.001, 0.2, 0.5, 0.9])
+def test_the_sampled_cut_equals_the_histogram_cut_on_large_tensors(monkeypatch, density):
+    import mergeplug.merging as merging
+
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(700_001, generator=gen) * 0.01
+    x[::11] = 0.003  # ties near the cut for several densities
+    x[::13] = 0.0
+    k = int(round(density * x.numel()))
+    used = []
+    real = merging.TopMagnitudes._cut_from_sample
+    monkeypatch.setattr(merging.TopMagnitudes, "_cut_from_sample", lambda *a: used.append(real(*a)) or used[-1])
+    sampled = _kept(x, k)
+    assert used == [True], "a large random tensor takes the one-pass path"
+    monkeypatch.setattr(merging.TopMagnitudes, "_cut_from_sample", lambda *a: False)
+    assert torch.equal(sampled, _kept(x, k))
+    assert torch.equal(sampled, x * topk_mask(x, k / x.numel()))
+
+
+def test_an_unrepresentative_sample_falls_back_to_the_histogram(monkeypatch):
+    import mergeplug.merging as merging
+
+    x = torch.full((600_000,), 1e-4)
+    stride = x.numel() // (1 << 16)
+    x[::stride] = 5.0  # the strided sample sees only the large entries
+    x[1::7] = -2.0
+    real = merging.TopMagnitudes._cut_from_sample
+    used = []
+    monkeypatch.setattr(merging.TopMagnitudes, "_cut_from_sample", lambda *a: used.append(real(*a)) or used[-1])
+    k = 100_000
+    kept = _kept(x, k)
+    assert used == [False]
+    assert torch.equal(kept, x * topk_mask(x, k / x.numel()))
+    assert int(torch.count_nonzero(kept)) == k
