@@ -160,17 +160,29 @@ class Judge:
         raise NotImplementedError(f"{type(self).__name__} must implement refusals()")
 
 
-def load_judge(name: str, **parameters: Any) -> Judge:
-    """The judge component ``name`` (``mergeplug list --kind judge``), built with ``parameters``."""
-    from .plugins import get_registry
+#: (id of the component, parameters) -> (the component, kept alive so its id is never reused, and its judge)
+_JUDGES: dict[tuple[int, str], tuple[Any, Judge]] = {}
 
+
+def load_judge(name: str, **parameters: Any) -> Judge:
+    """The judge component ``name`` (``mergeplug list --kind judge``), built with ``parameters``.
+
+    One instance per component and parameters for the process: a classifier-model judge is loaded once, not
+    once per benchmark that uses it.
+    """
+    import json
+
+    from .plugins import get_registry
     from .schema import problems, with_defaults
 
     component = get_registry().get("judge", name)
-    lines = problems(parameters, component.parameters, source=f"judge {name!r}", prefix=["judge_parameters"])
-    if lines:
-        raise MergeplugError(*lines)
-    return component.load()(**with_defaults(parameters, component.parameters))
+    key = (id(component), json.dumps(parameters, sort_keys=True, default=str))
+    if key not in _JUDGES:
+        lines = problems(parameters, component.parameters, source=f"judge {name!r}", prefix=["judge_parameters"])
+        if lines:
+            raise MergeplugError(*lines)
+        _JUDGES[key] = (component, component.load()(**with_defaults(parameters, component.parameters)))
+    return _JUDGES[key][1]
 
 
 # --- metrics as local `evaluate` modules -------------------------------------------------------------------

@@ -188,7 +188,7 @@ class TopMagnitudes:
         for c in chunks():
             c = c.reshape(-1)
             above = torch.nn.functional.hardshrink(c, hi_magnitude)
-            count_above += int(torch.count_nonzero(above))
+            count_above += int(torch.sign(above).abs_().sum(dtype=torch.float64))  # exact; faster than count_nonzero
             band = torch.nn.functional.hardshrink(c, below_lo).sub_(above)  # x where lo <= |x| <= hi, else 0
             at = torch.nonzero(band).flatten()
             values.append(band[at])

@@ -2,8 +2,9 @@
 
 A backend plugin registers a subclass of :class:`Backend` (kind ``backend``): ``transformers`` is built in,
 ``vllm`` is used when vllm is installed and asked for. Evaluators never see a backend; the evaluate command
-collects every request of a benchmark, hands them to :meth:`Backend.run` in one go (so the backend can sort
-them by length and batch them), and gives the answers back to the evaluator.
+collects the requests of a round of samples (64 by default, so an interruption loses little), hands them to
+:meth:`Backend.run` in one go (so the backend can sort them by length and batch them), and gives the answers
+back to the evaluator.
 
 Prompt rendering: MergeBench runs its benchmarks without a chat template (arXiv:2505.10833; a template makes
 its specialists collapse), so ``chat_template=False`` is the default. ``True`` applies the tokenizer's own
@@ -84,7 +85,14 @@ def open_backend(name: str, model: str, **options: Any) -> Backend:
     """The backend plugin ``name`` (``mergeplug list --kind backend``) opened on ``model``."""
     from .plugins import get_registry
 
+    from .schema import problems
+
     component = get_registry().get("backend", name)
+    if component.parameters_source is not None:  # a backend without a schema takes the base options only
+        checked = {k: v for k, v in options.items() if k != "progress" and v is not None}
+        lines = problems(checked, component.parameters, source=f"backend {name!r}", prefix=["options"])
+        if lines:
+            raise MergeplugError(*lines)
     return component.load()(model, **options)
 
 

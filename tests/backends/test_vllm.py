@@ -92,7 +92,7 @@ def test_llm_arguments(fake_vllm, tiny):
                                    "max_model_len": 48}
     assert backend.context_length == 48
     assert open_backend("vllm", str(tiny.llama)).context_length == 64  # from the engine's max_model_len
-    with pytest.raises(MergeplugError, match="vLLM runs on CUDA GPUs"):
+    with pytest.raises(MergeplugError, match=r"backend 'vllm': options\.device: 'cpu' is not one of \['auto', 'cuda'\]"):
         open_backend("vllm", str(tiny.llama), device="cpu")
     with pytest.raises(MergeplugError, match="no such folder"):
         open_backend("vllm", str(tiny.root / "missing"))
