@@ -130,3 +130,65 @@ def resolve_device(device: str) -> str:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise MergeplugError(f"device {device!r} asked for, but torch sees no CUDA GPU; use --device cpu or auto")
     return device
+
+
+class PromptRenderer:
+    """How a backend turns a prompt into token ids: raw, or as the user turn of a chat template.
+
+    ``chat_template`` False renders nothing; a string is that Jinja template; True takes the tokenizer's own
+    template, else the model family's (:attr:`mergeplug.families.ModelFamily.chat_template`, found from
+    ``config``), else it is an error. Shared by the built-in backends so that both render prompts identically.
+    """
+
+    def __init__(self, model: str, tokenizer: Any, chat_template: bool | str, config: dict):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        self.template = self._resolve(config)
+
+    def _resolve(self, config: dict) -> str | None:
+        """The Jinja template to render with (None: the tokenizer's own, or no template at all)."""
+        if self.chat_template is False:
+            return None
+        if isinstance(self.chat_template, str):
+            return self.chat_template
+        if getattr(self.tokenizer, "chat_template", None):
+            return None
+        from .families import family_for
+
+        family = family_for(config, source=f"model {self.model}")
+        template = getattr(family, "chat_template", None)
+        if not template:
+            raise MergeplugError(
+                f"model {self.model}: chat_template is true, but its tokenizer has no chat template and the "
+                f"{family.name} model family gives none; pass a Jinja template string as chat_template, or run "
+                "without a chat template (chat_template: false)"
+            )
+        return template
+
+    def render(self, prompt: str) -> str:
+        """``prompt`` as the model sees it: raw, or as the user turn of a chat, ready for the assistant's answer."""
+        if self.chat_template is False:
+            return prompt
+        try:
+            return self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                      chat_template=self.template, add_generation_prompt=True,
+                                                      tokenize=False)
+        except Exception as exc:  # noqa: BLE001 - Jinja errors come in many types
+            raise MergeplugError(f"model {self.model}: the chat template fails to render a prompt "
+                                 f"({type(exc).__name__}: {exc}); fix the template or set chat_template: false") from exc
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of rendered text; a rendered chat template already writes the BOS token as text, so no
+        second one is added."""
+        bos = self.tokenizer.bos_token
+        special = not (self.chat_template is not False and bos and text.startswith(bos))
+        return list(self.tokenizer(text, add_special_tokens=special)["input_ids"])
+
+    def start_id(self) -> int:
+        """The token an empty context starts from: BOS, else EOS."""
+        bos, eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
+        if bos is None and eos is None:
+            raise MergeplugError(f"model {self.model}: its tokenizer has neither a BOS nor an EOS token to start an "
+                                 "empty prompt from")
+        return bos if bos is not None else eos

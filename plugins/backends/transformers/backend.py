@@ -26,8 +26,7 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 
 from mergeplug import MergeplugError
 from mergeplug.evaluation import Generate, Loglikelihood, LoglikelihoodResult
-from mergeplug.families import family_for
-from mergeplug.runner import Backend, length_sorted_batches, resolve_device, truncate_at_stop
+from mergeplug.runner import Backend, PromptRenderer, length_sorted_batches, resolve_device, truncate_at_stop
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -72,7 +71,7 @@ class TransformersBackend(Backend):
         bos = self._tokenizer.bos_token_id
         self._start_id = bos if bos is not None else self._eos_ids[0]  # what an empty context or prompt starts from
         self.context_length = self._context_length()
-        self._template = self._resolve_template()
+        self._prompts = PromptRenderer(model, self._tokenizer, self.chat_template, self._model.config.to_dict())
         self._keeps_logits = "logits_to_keep" in inspect.signature(self._model.forward).parameters
         self._warned_cut = False
 
@@ -152,44 +151,13 @@ class TransformersBackend(Backend):
             return tokenizer_max
         return FALLBACK_CONTEXT
 
-    def _resolve_template(self) -> str | None:
-        """The Jinja template to render prompts with (None: the tokenizer's own, or no template at all)."""
-        if self.chat_template is False:
-            return None
-        if isinstance(self.chat_template, str):
-            return self.chat_template
-        if getattr(self._tokenizer, "chat_template", None):
-            return None
-        family = family_for(self._model.config.to_dict(), source=f"model {self.model}")
-        template = getattr(family, "chat_template", None)
-        if callable(template):  # ModelFamily declares it both as a class attribute and as a method
-            template = template()
-        if not template:
-            raise MergeplugError(
-                f"model {self.model}: chat_template is true, but its tokenizer has no chat template and the "
-                f"{family.name} model family gives none; pass a Jinja template string as chat_template, or run "
-                "without a chat template (chat_template: false)"
-            )
-        return template
-
     # --- prompts -------------------------------------------------------------------------------------------
     def render(self, prompt: str) -> str:
         """``prompt`` as the model sees it: raw, or as the user turn of a chat, ready for the assistant's answer."""
-        if self.chat_template is False:
-            return prompt
-        try:
-            return self._tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                                       chat_template=self._template, add_generation_prompt=True,
-                                                       tokenize=False)
-        except Exception as exc:  # noqa: BLE001 - Jinja errors come in many types
-            raise MergeplugError(f"model {self.model}: the chat template fails to render a prompt "
-                                 f"({type(exc).__name__}: {exc}); fix the template or set chat_template: false") from exc
+        return self._prompts.render(prompt)
 
     def _encode(self, text: str) -> list[int]:
-        # A rendered chat template already writes the BOS token as text; adding another would double it.
-        bos = self._tokenizer.bos_token
-        special = not (self.chat_template is not False and bos and text.startswith(bos))
-        return list(self._tokenizer(text, add_special_tokens=special)["input_ids"])
+        return self._prompts.encode(text)
 
     def _warn_cut(self, what: str) -> None:
         if not self._warned_cut:

@@ -18,8 +18,7 @@ from typing import Any, Sequence
 
 from mergeplug import MergeplugError
 from mergeplug.evaluation import Generate, Loglikelihood, LoglikelihoodResult
-from mergeplug.families import family_for
-from mergeplug.runner import Backend, truncate_at_stop
+from mergeplug.runner import Backend, PromptRenderer, truncate_at_stop
 
 MISSING = "backend vllm: vllm is not installed: pip install vllm (Linux, CUDA GPU), or use --backend transformers"
 DTYPES = {"auto": "auto", "float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
@@ -73,51 +72,18 @@ class VllmBackend(Backend):
                                  "folder and the GPU, or use --backend transformers") from exc
         self._tokenizer = self._llm.get_tokenizer()
         self.context_length = self.max_length or _engine_max_len(self._llm)
-        self._template = self._resolve_template()
+        self._prompts = PromptRenderer(model, self._tokenizer, self.chat_template, _model_config(model, self._llm))
         self._warned_cut = False
 
     # --- prompts (as the transformers backend renders them, so both backends see the same tokens) ----------
-    def _resolve_template(self) -> str | None:
-        if self.chat_template is False:
-            return None
-        if isinstance(self.chat_template, str):
-            return self.chat_template
-        if getattr(self._tokenizer, "chat_template", None):
-            return None
-        family = family_for(_model_config(self.model, self._llm), source=f"model {self.model}")
-        template = getattr(family, "chat_template", None)
-        if callable(template):  # ModelFamily declares it both as a class attribute and as a method
-            template = template()
-        if not template:
-            raise MergeplugError(
-                f"model {self.model}: chat_template is true, but its tokenizer has no chat template and the "
-                f"{family.name} model family gives none; pass a Jinja template string as chat_template, or run "
-                "without a chat template (chat_template: false)"
-            )
-        return template
-
     def render(self, prompt: str) -> str:
-        if self.chat_template is False:
-            return prompt
-        try:
-            return self._tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                                       chat_template=self._template, add_generation_prompt=True,
-                                                       tokenize=False)
-        except Exception as exc:  # noqa: BLE001
-            raise MergeplugError(f"model {self.model}: the chat template fails to render a prompt "
-                                 f"({type(exc).__name__}: {exc}); fix the template or set chat_template: false") from exc
+        return self._prompts.render(prompt)
 
     def _encode(self, text: str) -> list[int]:
-        bos = self._tokenizer.bos_token
-        special = not (self.chat_template is not False and bos and text.startswith(bos))
-        return list(self._tokenizer(text, add_special_tokens=special)["input_ids"])
+        return self._prompts.encode(text)
 
     def _start_id(self) -> int:
-        bos, eos = self._tokenizer.bos_token_id, self._tokenizer.eos_token_id
-        if bos is None and eos is None:
-            raise MergeplugError(f"model {self.model}: its tokenizer has neither a BOS nor an EOS token to start an "
-                                 "empty prompt from")
-        return bos if bos is not None else eos
+        return self._prompts.start_id()
 
     def _cut(self, ids: list[int], room: int, what: str) -> list[int]:
         if len(ids) <= room:
