@@ -155,6 +155,24 @@ def show_command(name, kind, as_json):
             notes = getattr(c.load(), "notes", "")
             if notes:
                 click.echo("notes:\n" + "\n".join(textwrap.wrap(notes, 96, initial_indent="  ", subsequent_indent="  ")))
+        if c.kind == "domain":
+            domain = c.load()
+            click.echo(f"role: {domain.role}")
+            click.echo("benchmarks:")
+            for b in domain.benchmarks:
+                source = b.get("dataset") or "(local data / sample only)"
+                headline = b.get("metric") or "(the evaluator's first metric)"
+                click.echo(f"  {b['name']}: {source} [{b.get('split')}], evaluator {b['evaluator']}, headline {headline}")
+            for t in domain.training:
+                click.echo(f"training: {t.get('dataset') or '(sample only)'} [{t.get('split')}]")
+            continue
+        if c.kind == "evaluator":
+            from .schema import with_defaults
+
+            evaluator = c.load()(**with_defaults({}, c.parameters))
+            click.echo(f"metrics (default parameters; headline first): {', '.join(evaluator.metrics) or '(per sample)'}")
+            fields = getattr(evaluator, "required_fields", ())
+            click.echo(f"sample fields it reads: {', '.join(fields) or '(the prompt only)'}")
         click.echo("parameters:")
         click.echo("\n".join(_describe_parameters(c.parameters)))
         if c.model_parameters is not None:
