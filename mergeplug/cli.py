@@ -309,6 +309,107 @@ def evaluate_command(models, domains, output, recipe, base, specialists, backend
     click.echo(f"results in {output}")
 
 
+# --- finetuning --------------------------------------------------------------------------------------------
+def _typed_setting(text: str, prop: dict | None):
+    """``--set key=text`` as the parameter's schema types it (``2e-5`` a number, ``true`` a boolean, ``null``);
+    an unknown key or a value of the wrong type is the schema check's error."""
+    if prop is None:
+        return text
+    kinds = prop.get("type", [])
+    kinds = [kinds] if isinstance(kinds, str) else list(kinds)
+    enum = prop.get("enum", [])
+    lowered = text.strip().lower()
+    if lowered in ("null", "none") and ("null" in kinds or None in enum):
+        return None
+    if lowered in ("true", "false") and ("boolean" in kinds or True in enum):
+        return lowered == "true"
+    for kind, convert in (("integer", int), ("number", float)):
+        if kind in kinds:
+            try:
+                return convert(text)
+            except ValueError:
+                pass
+    if "array" in kinds or "object" in kinds:
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text
+    return text
+
+
+@cli.command("finetune")
+@click.option("--base", "base", default=None, help="The base model: a Hugging Face model folder or hub id.")
+@click.option("--domain", "domains", default=None,
+              help="Domain to train on; a comma-separated list or all trains one model on their mixture.")
+@click.option("-o", "--output", "output", default=None, type=click.Path(file_okay=False),
+              help="Folder to write the model to.")
+@click.option("--recipe", "recipe", default=None, type=click.Path(dir_okay=False),
+              help="A finetune recipe (options given here override it).")
+@click.option("--finetuner", default=None, help="Finetuner plugin (`mergeplug list --kind finetuner`). [default: full]")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
+              help="A finetuner parameter (`mergeplug show full`), e.g. --set learning_rate=1e-5. Repeatable.")
+@click.option("--max-steps", type=click.IntRange(min=1), default=None,
+              help="Stop after N optimiser steps (smoke runs).")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Read at most N rows of each training set.")
+@click.option("--data", "data", multiple=True, metavar="DOMAIN=PATH",
+              help="Local training data (JSONL/JSON/parquet/CSV file or folder) for a domain, or DOMAIN.N=PATH for its "
+                   "N-th training set. Repeatable.")
+@click.option("--offline", is_flag=True, default=None, help="Never try the hub: local data or the shipped samples.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists (only once the new model is complete).")
+@click.option("--restart", is_flag=True, help="Discard an interrupted run's checkpoints instead of resuming from them.")
+@click.option("--device", default=None,
+              help="auto, cpu, cuda or mps (several GPUs: torchrun or accelerate launch). [default: auto]")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def finetune_command(base, domains, output, recipe, finetuner, settings, max_steps, limit, data, offline, force,
+                     restart, device, quiet):
+    """Finetune a base model on a domain's training data (or a mixture of domains) into OUTPUT.
+
+    Loss on response tokens only, packed sequences, MergeBench's recipe by default. Training happens in
+    .OUTPUT.partial/ beside OUTPUT; rerunning an interrupted command resumes from its last checkpoint. Runs
+    unchanged under torchrun / accelerate launch on several GPUs or nodes.
+    """
+    import os
+    from pathlib import Path
+
+    from .finetuning import finetune
+    from .recipe import load_recipe
+
+    conf: dict = {}
+    if recipe:
+        conf = dict(load_recipe(recipe, kind="finetune").data)
+    given = {"base_model": base, "domains": domains.split(",") if domains else None, "finetuner": finetuner,
+             "limit": limit, "offline": offline, "device": device}
+    conf.update({k: v for k, v in given.items() if v is not None})
+    if not conf.get("base_model"):
+        raise MergeplugError("finetune: name the base model with --base (a model folder or hub id), or give a --recipe")
+    if not conf.get("domains"):
+        raise MergeplugError("finetune: say which --domain to train on (math, a list math,coding, or all)")
+    if not output:
+        raise MergeplugError("finetune: give the output folder with -o/--output")
+    name = conf.get("finetuner", "full")
+    from .finetuning import parameter_schema
+
+    schema = parameter_schema(get_registry().get("finetuner", name))
+    parameters = dict(conf.get("parameters") or {})
+    for setting in settings:
+        key, sep, text = setting.partition("=")
+        if not sep or not key.strip():
+            raise MergeplugError(f"--set {setting!r}: write KEY=VALUE (e.g. --set learning_rate=1e-5)")
+        key = key.strip()
+        parameters[key] = _typed_setting(text.strip(), schema.get("properties", {}).get(key))
+    if max_steps is not None:
+        parameters["max_steps"] = max_steps
+    sources = dict(conf.get("data") or {})
+    for key, path in _pairs(data, "--data").items():
+        sources[key] = {"data_dir": path} if Path(path).is_dir() else {"data_files": path}
+    domain_names = conf["domains"]
+    out = finetune(conf["base_model"], "all" if domain_names == ["all"] else domain_names, output, finetuner=name,
+                   parameters=parameters, data=sources, force=force, resume=not restart, limit=conf.get("limit"),
+                   device=conf.get("device", "auto"), progress=not quiet, offline=conf.get("offline"))
+    if int(os.environ.get("RANK", "0")) == 0:
+        click.echo(f"wrote {out}")
+
+
 def main(argv=None):
     """Console entry point: lets plugins add commands, then runs the group."""
     try:

@@ -227,10 +227,23 @@ def _domains(recipe: Recipe, registry: Registry, out: list[str]) -> None:
 def _finetune_checks(recipe: Recipe, registry: Registry) -> list[str]:
     out: list[str] = []
     _domains(recipe, registry, out)
+    trained = recipe.data["domains"]
+    for key in recipe.data.get("data") or {}:
+        # DOMAIN or DOMAIN.N; whether the domain has an N-th training set is checked when its file is read.
+        name = key.partition(".")[0]
+        if trained != ["all"] and name not in trained:
+            out.append(f"{recipe.source}: data.{key}: {name!r} is not one of the recipe's domains "
+                       f"({', '.join(trained)})")
+        elif trained == ["all"] and name not in registry.names("domain"):
+            _resolve(recipe, registry, "domain", name, ["data", key], out)
     finetuner = _resolve(recipe, registry, "finetuner", recipe.data["finetuner"], ["finetuner"], out)
     if finetuner is not None:
+        from .finetuning import parameter_schema
+
+        # Every finetuner takes the core's training parameters; the plugin's own defaults are filled here, the
+        # training defaults when the run starts (mergeplug.finetuning.finetune).
         params = recipe.data.get("parameters", {})
-        lines = parameter_problems(params, finetuner.parameters, source=recipe.source, where=["parameters"])
+        lines = parameter_problems(params, parameter_schema(finetuner), source=recipe.source, where=["parameters"])
         out += lines
         if not lines:
             recipe.data["parameters"] = with_defaults(params, finetuner.parameters)

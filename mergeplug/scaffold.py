@@ -4,9 +4,9 @@ The package is what a third-party plugin looks like: its own pyproject.toml with
 ``mergeplug``, one module registering one component, its parameter schema or data file, and a test that
 passes as written. ``pip install -e DIR`` makes the component appear in ``mergeplug list``.
 
-Templates: merger, family, domain, evaluator (with its local `evaluate` metric module) and judge. A backend
-gets none (it is a whole model runner: the built-in transformers backend is the example to copy); finetuner
-and aligner wait for their contracts.
+Templates: merger, family, domain, evaluator (with its local `evaluate` metric module), judge and finetuner
+(a working one: frozen embeddings). A backend gets none (it is a whole model runner: the built-in transformers
+backend is the example to copy); aligner waits for its contract.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from pathlib import Path
 from . import __version__
 from .errors import MergeplugError
 
-SUPPORTED = ("merger", "family", "domain", "evaluator", "judge")
+SUPPORTED = ("merger", "family", "domain", "evaluator", "judge", "finetuner")
 
 PYPROJECT = '''\
 [build-system]
@@ -65,6 +65,12 @@ Use it in a benchmark of a domain's domain.yaml:
     evaluator: {name}
     evaluator_parameters: {{case_sensitive: false}}
     metric: contains
+''',
+    "finetuner": '''
+Train with it (every `mergeplug show full` training parameter is accepted too, e.g. learning_rate):
+
+    mergeplug finetune --base ./my-base --domain math -o ./math-specialist --finetuner {name} \\
+        --set freeze_embeddings=true
 ''',
     "judge": '''
 Use it through the safety evaluator, in a benchmark of a domain's domain.yaml:
@@ -595,6 +601,113 @@ def test_the_safety_evaluator_uses_it_by_name():
     assert [s.scores for s in scored] == [{{"refusal_rate": 1.0, "harmful_response_rate": 0.0}}, {{"compliance_rate": 1.0}}]
 '''
 
+FINETUNER_INIT = '''\
+\"\"\"{title}: a mergeplug finetuner plugin. Registration only: the model preparation lives in finetuner.py.\"\"\"
+from pathlib import Path
+
+from mergeplug import hookimpl
+
+HERE = Path(__file__).parent
+
+
+@hookimpl
+def register_finetuners(register):
+    register(
+        "{name}",
+        "{module}.finetuner:{cls}",
+        description="{description}",
+        reference="arXiv:2505.10833",  # the paper of your method
+        parameters=HERE / "parameters.json",
+    )
+'''
+
+FINETUNER_MODULE = '''\
+\"\"\"{title}.
+
+As written: full finetuning with the input embeddings frozen. MergeBench (arXiv:2505.10833) leaves embeddings
+at the base's values when it merges task vectors, so a specialist trained this way loses nothing to that rule.
+
+The core runs the training (data, packing, Trainer, checkpoints, resume, the output folder): a finetuner only
+decides what is trained (``prepare_model``: return the model, or a wrapper such as a peft model) and how the
+result is saved (``save``: the default writes ``model`` and ``tokenizer`` with ``save_pretrained``). Its
+parameters (parameters.json, defaults filled in) arrive in ``self.parameters``, with the core's training
+parameters (learning_rate, epochs, ... see ``mergeplug show full``).
+\"\"\"
+from __future__ import annotations
+
+from typing import Any
+
+from mergeplug.finetuning import Finetuner
+
+
+class {cls}(Finetuner):
+    def prepare_model(self, model: Any) -> Any:
+        if self.parameters["freeze_embeddings"]:
+            # Tied output embeddings are the same tensor, so they stay at the base's values too.
+            model.get_input_embeddings().weight.requires_grad_(False)
+        return model
+'''
+
+FINETUNER_PARAMETERS = '''\
+{
+  "$schema": "https://json-schema.org/draft/2020-12/schema",
+  "type": "object",
+  "additionalProperties": false,
+  "properties": {
+    "freeze_embeddings": {"type": "boolean", "default": true, "description": "Keep the input embeddings at the base's values (MergeBench merges without them, arXiv:2505.10833)."}
+  }
+}
+'''
+
+FINETUNER_TEST = '''\
+\"\"\"Tests of the {name} finetuner: registration, what it freezes, and a two-step run of the real training loop.\"\"\"
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mergeplug.finetuning import finetune
+from mergeplug.plugins import Registry
+from mergeplug.testing import make_tiny_model, train_tiny_tokenizer
+
+EMBEDDINGS = "model.embed_tokens.weight"
+
+
+@pytest.fixture
+def base(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the math domain's shipped training sample, never the hub
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    tokenizer = train_tiny_tokenizer(tmp_path / "tokenizer")
+    return make_tiny_model(tmp_path / "base", tokenizer_folder=tokenizer, max_position_embeddings=256)
+
+
+def test_registered_with_its_schema():
+    component = Registry().get("finetuner", "{name}")
+    assert component.parameters["properties"]["freeze_embeddings"]["default"] is True
+    assert component.load().__name__ == "{cls}"
+
+
+def test_freezes_the_input_embeddings_only(base):
+    from transformers import AutoModelForCausalLM
+
+    finetuner_cls = Registry().get("finetuner", "{name}").load()
+    for freeze, expected in ((True, [EMBEDDINGS]), (False, [])):
+        model = finetuner_cls(freeze_embeddings=freeze).prepare_model(AutoModelForCausalLM.from_pretrained(str(base)))
+        assert sorted(name for name, p in model.named_parameters() if not p.requires_grad) == expected
+
+
+def test_a_short_run_trains_everything_but_the_embeddings(base, tmp_path):
+    parameters = {{"max_steps": 2, "max_seq_length": 256, "gradient_accumulation_steps": 1, "learning_rate": 1e-3,
+                  "warmup_ratio": 0.0}}
+    out = finetune(str(base), "math", tmp_path / "out", finetuner="{name}", parameters=parameters, progress=False)
+    before, after = load_file(str(base / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    torch.testing.assert_close(after[EMBEDDINGS], before[EMBEDDINGS], rtol=0, atol=0)
+    assert not torch.equal(after["model.layers.0.mlp.down_proj.weight"], before["model.layers.0.mlp.down_proj.weight"])
+    summary = json.loads((out / "mergeplug_finetune.json").read_text())
+    assert summary["finetuner"] == "{name}" and summary["steps"] == 2
+'''
+
 FILES = {
     "merger": {"__init__.py": MERGER_INIT, "merger.py": MERGER_MODULE, "parameters.json": MERGER_PARAMETERS,
                "model_parameters.json": MERGER_MODEL_PARAMETERS, "tests": MERGER_TEST},
@@ -604,10 +717,12 @@ FILES = {
     "evaluator": {"__init__.py": EVALUATOR_INIT, "evaluator.py": EVALUATOR_MODULE, "{name}_metric.py": EVALUATOR_METRIC,
                   "parameters.json": EVALUATOR_PARAMETERS, "tests": EVALUATOR_TEST},
     "judge": {"__init__.py": JUDGE_INIT, "judge.py": JUDGE_MODULE, "parameters.json": JUDGE_PARAMETERS, "tests": JUDGE_TEST},
+    "finetuner": {"__init__.py": FINETUNER_INIT, "finetuner.py": FINETUNER_MODULE, "parameters.json": FINETUNER_PARAMETERS,
+                  "tests": FINETUNER_TEST},
 }
-CLASS_SUFFIX = {"merger": "Merger", "family": "Family", "domain": "", "evaluator": "Evaluator", "judge": "Judge"}
+CLASS_SUFFIX = {"merger": "Merger", "family": "Family", "domain": "", "evaluator": "Evaluator", "judge": "Judge",
+                "finetuner": "Finetuner"}
 LATER = {
-    "finetuner": "`mergeplug finetune` (the finetune issue)",
     "aligner": "`mergeplug fuse` (the fuse issue)",
 }
 #: Kinds that get no template, and where to start instead.
