@@ -7,6 +7,12 @@ grow to the size of the model); one handle per tensor keeps resident memory at t
 ``pytorch_model*.bin`` files are read with ``torch.load(weights_only=True, mmap=True)`` (no code runs) and a
 warning. A folder that does not exist is fetched from the Hugging Face Hub when its name looks like a hub id.
 
+LoRA adapters: :class:`LoraAdapter` reads a peft adapter folder (``adapter_config.json`` and
+``adapter_model.safetensors``, no ``config.json``) over its base checkpoint as the full model it stands for:
+each targeted weight reads as W_base + scaling·B·A (Hu et al., arXiv:2106.09685), computed in float32 one
+tensor at a time, every other tensor as the base's, so mergers see an ordinary checkpoint whose task vector is
+exactly the adapter's low-rank product. :func:`open_checkpoint` picks the right reader for a folder.
+
 Writing: :class:`ShardedWriter` plans the shards from the output names, shapes and dtypes before any tensor is
 merged, writes each shard's header first and then streams each tensor's bytes into it as it arrives, so no
 shard is ever held in memory. With more than one shard it writes ``model.safetensors.index.json``.
@@ -133,7 +139,7 @@ def _download(repo_id: str, *, label: str, trust_remote_code: bool) -> Path:
         patterns = HUB_PATTERNS + (["*.py"] if trust_remote_code else [])
         folder = Path(snapshot_download(repo_id, allow_patterns=patterns))
         if not any(folder.glob("*.safetensors")):
-            folder = Path(snapshot_download(repo_id, allow_patterns=patterns + ["pytorch_model*.bin"]))
+            folder = Path(snapshot_download(repo_id, allow_patterns=patterns + ["pytorch_model*.bin", "adapter_model.bin"]))
     except Exception as exc:  # noqa: BLE001 - offline, gated, missing: all are the user's to fix
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise MergeplugError(
@@ -151,10 +157,10 @@ class Checkpoint:
         self.label = label
         self.ref = ref or str(folder)
         self.where = f"{label} ({self.ref})"
-        if (self.folder / "adapter_config.json").is_file() and not (self.folder / "config.json").is_file():
+        if is_lora_adapter(self.folder):
             raise MergeplugError(
-                f"{self.where}: is a LoRA adapter (adapter_config.json); LoRA adapter inputs arrive with the "
-                f"finetune issue: merge the adapter into its base first (peft's merge_and_unload) and use that folder"
+                f"{self.where}: is a LoRA adapter (adapter_config.json, no config.json); open it with "
+                f"open_checkpoint() or LoraAdapter(folder, base), which read it over its base model"
             )
         self.config = self._read_json("config.json", required=True)
         self._torch_state: dict[Path, dict] = {}
@@ -202,10 +208,10 @@ class Checkpoint:
             raise MergeplugError(f"{self.where}: tensor {missing} is in model.safetensors.index.json but in no shard")
         return found
 
-    def _torch_bins(self, files: list[Path]) -> dict[str, TensorInfo]:
+    def _torch_bins(self, files: list[Path], what: str = "pytorch_model*.bin") -> dict[str, TensorInfo]:
         import torch
 
-        warnings.warn(f"{self.where}: reading pytorch_model*.bin (pickle) with weights_only=True; "
+        warnings.warn(f"{self.where}: reading {what} (pickle) with weights_only=True; "
                       f"prefer safetensors checkpoints", stacklevel=3)
         found = {}
         for path in files:
@@ -222,26 +228,327 @@ class Checkpoint:
     def names(self) -> list[str]:
         return list(self.tensors)
 
+    @property
+    def config_folder(self) -> Path:
+        """The folder ``config.json`` (and ``generation_config.json``, custom code) comes from."""
+        return self.folder
+
+    @property
+    def tokenizer_folder(self) -> Path:
+        """The folder to copy tokenizer files from."""
+        return self.folder
+
     def get(self, name: str):
         """Tensor ``name`` on the CPU, in its stored dtype."""
         info = self.tensors.get(name)
         if info is None:
             raise MergeplugError(f"{self.where}: has no tensor {name}")
+        return self._read(info)
+
+    def _read(self, info: TensorInfo):
+        """The tensor stored under ``info.name`` in ``info.file``."""
         if info.file in self._torch_state:
-            return self._torch_state[info.file][name]
+            return self._torch_state[info.file][info.name]
         from safetensors import safe_open
 
         try:
             with safe_open(str(info.file), framework="pt", device="cpu") as handle:
-                return handle.get_tensor(name)
+                return handle.get_tensor(info.name)
         except Exception as exc:  # noqa: BLE001 - a truncated or corrupt file
-            raise MergeplugError(f"{self.where}: cannot read tensor {name} from {info.file.name}: {exc}") from None
+            raise MergeplugError(f"{self.where}: cannot read tensor {info.name} from {info.file.name}: {exc}") from None
 
     def read_order(self) -> list[str]:
         """Tensor names in file and offset order (sequential reads)."""
         files = sorted({i.file for i in self.tensors.values()})
         rank = {f: n for n, f in enumerate(files)}
         return sorted(self.tensors, key=lambda n: (rank[self.tensors[n].file], self.tensors[n].offset, n))
+
+
+# --- LoRA adapters ------------------------------------------------------------------------------------------
+#: The files of a peft adapter folder: its configuration and its weights (safetensors, or pickle from older peft).
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+#: peft writes every adapter tensor under the wrapped model's name, ``base_model.model.<module path>...``.
+_ADAPTER_PREFIX = "base_model.model."
+
+#: The low-rank factors of one targeted module: Linear ``lora_A.weight`` (r, in) and ``lora_B.weight`` (out, r),
+#: ``lora_B.bias`` (out,) with lora_bias, Embedding ``lora_embedding_A`` (r, rows) and ``lora_embedding_B`` (dim, r).
+_LORA_FACTOR = re.compile(r"(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A|lora_embedding_B)")
+
+#: adapter_config.json fields that, when set, make the adapter more than W + scaling·B·A, and why.
+_LORA_VARIANTS = {
+    "use_dora": "DoRA (arXiv:2402.09353) rescales every merged row by a learned magnitude",
+    "alora_invocation_tokens": "activated LoRA (arXiv:2504.12397) applies only after its invocation tokens, "
+                               "so it has no merged weights",
+    "monteclora_config": "MonteCLoRA samples its factors",
+    "use_bdlora": "block-diagonal LoRA stores its factors in blocks",
+    "use_qalora": "QA-LoRA (arXiv:2309.14717) pools the layer's inputs before A",
+    "layer_replication": "layer replication adds blocks the base does not have",
+    "trainable_token_indices": "trainable tokens store sparse embedding rows",
+    "target_parameters": "LoRA on bare parameters (mixture-of-experts weights) is stored differently",
+}
+
+#: init_lora_weights values that subtract the initial product from the base weights (PiSSA arXiv:2404.02948,
+#: OLoRA arXiv:2406.01775, CorDA arXiv:2406.05223, LoftQ arXiv:2310.08659, LoRA-GA arXiv:2407.05000): such an
+#: adapter is relative to a modified base unless saved with ``path_initial_model_for_weight_conversion``, which
+#: rewrites it against the original base and records init_lora_weights true.
+_RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
+def is_lora_adapter(folder: Path) -> bool:
+    """Whether ``folder`` is a peft adapter folder (``adapter_config.json`` and no ``config.json``)."""
+    folder = Path(folder)
+    return (folder / ADAPTER_CONFIG).is_file() and not (folder / "config.json").is_file()
+
+
+def open_checkpoint(folder: Path, *, label: str, ref: str | None = None, base: Checkpoint | None = None,
+                    trust_remote_code: bool = False, _chain: tuple[Path, ...] = ()) -> Checkpoint:
+    """The model in ``folder``: a :class:`Checkpoint`, or a :class:`LoraAdapter` over ``base``.
+
+    An adapter's base is ``base`` when given (a recipe's base_model), else the model its adapter_config.json
+    names in ``base_model_name_or_path`` (a folder, relative to the working directory as peft resolves it, or
+    a hub id).
+    """
+    folder = Path(folder)
+    if not is_lora_adapter(folder):
+        return Checkpoint(folder, label=label, ref=ref)
+    where = f"{label} ({ref or folder})"
+    if base is None:
+        config = _read_adapter_config(folder, where)
+        base_ref = config.get("base_model_name_or_path")
+        if not isinstance(base_ref, str) or not base_ref:
+            raise MergeplugError(f"{where}: is a LoRA adapter whose {ADAPTER_CONFIG} names no base_model_name_or_path; "
+                                 f"name its base model with base_model in the recipe")
+        try:
+            base_folder = resolve_model(base_ref, label=f"{label}'s base", trust_remote_code=trust_remote_code)
+        except MergeplugError as exc:
+            raise MergeplugError(f"{where}: is a LoRA adapter and its base does not open: {exc}; name its base "
+                                 f"model with base_model in the recipe") from None
+        if base_folder.resolve() in _chain or base_folder.resolve() == folder.resolve():
+            raise MergeplugError(f"{where}: LoRA adapter base_model_name_or_path {base_ref!r} leads back to an adapter "
+                                 f"already opened (a cycle); name its base model with base_model in the recipe")
+        base = open_checkpoint(base_folder, label=f"{label}'s base", ref=base_ref, trust_remote_code=trust_remote_code,
+                               _chain=(*_chain, folder.resolve()))
+    return LoraAdapter(folder, base, label=label, ref=ref)
+
+
+def _read_adapter_config(folder: Path, where: str) -> dict:
+    try:
+        config = json.loads((folder / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise MergeplugError(f"{where}: cannot read {ADAPTER_CONFIG}: {exc}") from None
+    if not isinstance(config, dict):
+        raise MergeplugError(f"{where}: {ADAPTER_CONFIG} is not a JSON object")
+    return config
+
+
+def _pattern_value(patterns: dict, module: str, default: Any) -> Any:
+    """peft's per-module override (``rank_pattern``/``alpha_pattern``): the first key that matches the end of
+    the module path at a dot boundary, as ``peft.utils.other.get_pattern_key`` matches them."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return patterns[key]
+    return default
+
+
+@dataclass(frozen=True)
+class LowRankUpdate:
+    """What an adapter adds to one base tensor: ``scaling · B @ A`` (transposed when ``transpose``), or, for a
+    lora_bias, ``scaling · b`` (``a`` is None)."""
+
+    a: str | None  # adapter tensor names
+    b: str
+    scaling: float
+    transpose: bool = False
+
+    def delta(self, read):
+        """The update in float32 (float64 when the factors are), from factors read with ``read(name)``."""
+        import torch
+
+        b = read(self.b)
+        dtype = torch.promote_types(b.dtype, torch.float32)
+        if self.a is None:
+            return b.to(dtype).mul_(self.scaling)
+        a = read(self.a).to(dtype)
+        b = b.to(dtype)
+        # (B A)^T computed as A^T B^T comes out contiguous; either way one product of the full tensor's size.
+        product = a.T @ b.T if self.transpose else b @ a
+        return product.mul_(self.scaling)
+
+
+class LoraAdapter(Checkpoint):
+    """A peft LoRA adapter folder read as the full model it stands for (Hu et al., arXiv:2106.09685).
+
+    ``tensors`` are the base's, plus any the adapter stores whole (``modules_to_save``, biases with
+    ``bias: all``/``lora_only``, resized embeddings), which replace the base's. :meth:`get` of a targeted
+    weight returns W + scaling·B·A, with scaling = lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora
+    (Kalajdzievski, arXiv:2312.03732), r and alpha per module from rank_pattern and alpha_pattern; the product
+    is transposed for Embedding layers and for fan_in_fan_out (GPT-2's Conv1D stores weights as (in, out)).
+    A targeted weight comes back in float32 (float64 over a float64 base) rather than in the base's dtype: a
+    small update added in bfloat16 would lose most of its bits, and a task vector is meant to be the product.
+
+    Every factor's shape is checked against the tensor it updates when the adapter is opened, before any
+    weight is read; one product exists at a time, when its tensor is read.
+    """
+
+    def __init__(self, folder: Path, base: Checkpoint, *, label: str, ref: str | None = None):
+        self.folder = Path(folder)
+        self.label = label
+        self.ref = ref or str(folder)
+        self.where = f"{label} ({self.ref})"
+        self.base = base
+        self.adapter_config = _read_adapter_config(self.folder, self.where)
+        self._check_config()
+        self.config = base.config
+        self._torch_state: dict[Path, dict] = {}
+        self.stored: dict[str, TensorInfo] = self._adapter_index()
+        self.replaced: dict[str, str] = {}  # tensor name -> the adapter tensor that replaces the base's
+        self.updates: dict[str, LowRankUpdate] = {}
+        self._plan()
+        self.tensors: dict[str, TensorInfo] = dict(base.tensors)
+        for name, key in self.replaced.items():
+            info = self.stored[key]
+            self.tensors[name] = TensorInfo(name, info.shape, info.dtype, info.file, info.offset)
+
+    @property
+    def config_folder(self) -> Path:
+        return self.base.config_folder
+
+    @property
+    def tokenizer_folder(self) -> Path:
+        """The adapter's own tokenizer when it saved one (it may add tokens), else its base's."""
+        if any((self.folder / name).is_file() for name in TOKENIZER_FILES):
+            return self.folder
+        return self.base.tokenizer_folder
+
+    def _check_config(self) -> None:
+        config = self.adapter_config
+        peft_type = config.get("peft_type", "LORA")
+        if peft_type != "LORA":
+            raise MergeplugError(f"{self.where}: {ADAPTER_CONFIG} peft_type is {peft_type!r}; only LoRA adapters "
+                                 f"(peft_type LORA) can be read as merge inputs")
+        for key, why in _LORA_VARIANTS.items():
+            if config.get(key) not in (None, False, [], {}, ""):
+                raise MergeplugError(f"{self.where}: {ADAPTER_CONFIG} sets {key}: {why}, so the adapter is not "
+                                     f"W + scaling·B·A; merge it into its base with peft's merge_and_unload and use that folder")
+        init = str(config.get("init_lora_weights", True)).lower()
+        if init.startswith(_RESIDUAL_INITS):
+            raise MergeplugError(
+                f"{self.where}: {ADAPTER_CONFIG} init_lora_weights is {config['init_lora_weights']!r}, which trains "
+                f"against a modified copy of the base; save the adapter with peft's "
+                f"path_initial_model_for_weight_conversion so it applies to the original base"
+            )
+        for key in ("r", "lora_alpha"):
+            value = config.get(key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise MergeplugError(f"{self.where}: {ADAPTER_CONFIG} {key} is {value!r}; expected a positive number")
+        for key in ("rank_pattern", "alpha_pattern"):
+            if not isinstance(config.get(key) or {}, dict):
+                raise MergeplugError(f"{self.where}: {ADAPTER_CONFIG} {key} is {config[key]!r}; expected a mapping")
+
+    def _adapter_index(self) -> dict[str, TensorInfo]:
+        safetensors_file, bin_file = (self.folder / name for name in ADAPTER_WEIGHTS)
+        if safetensors_file.is_file():
+            return self._safetensors([safetensors_file])
+        if bin_file.is_file():
+            return self._torch_bins([bin_file], what=bin_file.name)
+        raise MergeplugError(f"{self.where}: is a LoRA adapter ({ADAPTER_CONFIG}) without its weights: "
+                             f"no {' or '.join(ADAPTER_WEIGHTS)} in {self.folder}")
+
+    def _scaling(self, module: str, rank: int) -> float:
+        config = self.adapter_config
+        r = _pattern_value(config.get("rank_pattern") or {}, module, config["r"])
+        alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config["lora_alpha"])
+        if r != rank:
+            raise MergeplugError(f"{self.where}: LoRA factors of {module} have rank {rank}, but {ADAPTER_CONFIG} gives "
+                                 f"r {r} for it; the adapter's config and weights do not belong together")
+        return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+
+    def _plan(self) -> None:
+        """Sort the adapter's tensors into low-rank factors and whole replacements and check every shape."""
+        factors: dict[str, dict[str, str]] = {}
+        for key in self.stored:
+            if not key.startswith(_ADAPTER_PREFIX):
+                raise MergeplugError(f"{self.where}: adapter tensor {key} does not start with {_ADAPTER_PREFIX!r}, as "
+                                     f"peft's save_pretrained writes them; this is not a peft LoRA adapter")
+            rest = key[len(_ADAPTER_PREFIX):]
+            match = _LORA_FACTOR.fullmatch(rest)
+            if match:
+                factors.setdefault(match["module"], {})[match["part"]] = key
+            elif re.search(r"(^|\.)lora_", rest):
+                raise MergeplugError(f"{self.where}: adapter tensor {key} is not a LoRA factor mergeplug knows "
+                                     f"(lora_A/lora_B .weight, lora_B.bias, lora_embedding_A/B)")
+            else:
+                # A module peft wrapped stores its own parameters under base_layer (bias with bias: lora_only).
+                name = re.sub(r"\.base_layer\.([^.]+)$", r".\1", rest)
+                if name in self.replaced:
+                    raise MergeplugError(f"{self.where}: adapter tensors {self.replaced[name]} and {key} both replace {name}")
+                self.replaced[name] = key
+        for module, parts in factors.items():
+            self._plan_module(module, parts)
+
+    def _shape_of(self, name: str) -> tuple[int, ...] | None:
+        if name in self.replaced:
+            return self.stored[self.replaced[name]].shape
+        info = self.base.tensors.get(name)
+        return None if info is None else info.shape
+
+    def _plan_module(self, module: str, parts: dict[str, str]) -> None:
+        embedding = any(p.startswith("lora_embedding") for p in parts)
+        a_part, b_part = ("lora_embedding_A", "lora_embedding_B") if embedding else ("lora_A.weight", "lora_B.weight")
+        missing = [p for p in (a_part, b_part) if p not in parts]
+        strays = [p for p in parts if p not in (a_part, b_part, "lora_B.bias")]
+        if missing or strays:
+            problem = f"has no {missing[0]}" if missing else f"mixes {strays[0]} with {a_part}"
+            raise MergeplugError(f"{self.where}: the LoRA factors of {module} are incomplete: it {problem}")
+        a, b = self.stored[parts[a_part]], self.stored[parts[b_part]]
+        for info in (a, b):
+            if len(info.shape) != 2:
+                raise MergeplugError(f"{self.where}: LoRA factor {info.name} has shape {list(info.shape)}; only Linear "
+                                     f"and Embedding adapters (2-D factors) can be read as merge inputs")
+            if info.dtype not in ("float64", "float32", "float16", "bfloat16"):
+                raise MergeplugError(f"{self.where}: LoRA factor {info.name} has dtype {info.dtype}; expected a float")
+        rank = a.shape[0]
+        if b.shape[1] != rank:
+            raise MergeplugError(f"{self.where}: LoRA factors of {module} disagree on the rank: {a.name} has shape "
+                                 f"{list(a.shape)}, {b.name} has {list(b.shape)}")
+        scaling = self._scaling(module, rank)
+        transpose = embedding or bool(self.adapter_config.get("fan_in_fan_out"))
+        product = (a.shape[1], b.shape[0]) if transpose else (b.shape[0], a.shape[1])
+        target = f"{module}.weight"
+        self._check_target(target, product, f"B @ A of {module}")
+        self.updates[target] = LowRankUpdate(parts[a_part], parts[b_part], scaling, transpose)
+        if "lora_B.bias" in parts:
+            bias = self.stored[parts["lora_B.bias"]]
+            self._check_target(f"{module}.bias", bias.shape, f"lora_B.bias of {module}")
+            self.updates[f"{module}.bias"] = LowRankUpdate(None, parts["lora_B.bias"], scaling)
+
+    def _check_target(self, target: str, shape: tuple[int, ...], what: str) -> None:
+        have = self._shape_of(target)
+        if have is None:
+            raise MergeplugError(f"{self.where}: the adapter updates {target}, which its base {self.base.where} does "
+                                 f"not have (a tied output layer, or another architecture); is this the adapter's base?")
+        if tuple(have) != tuple(shape):
+            raise MergeplugError(f"{self.where}: {what} has shape {list(shape)}, but {target} of its base "
+                                 f"{self.base.where} has {list(have)}; is this the adapter's base?")
+
+    def get(self, name: str):
+        """Tensor ``name``: the base's or the adapter's own, plus the low-rank update when the adapter has one."""
+        if name in self.replaced:
+            value = self._read(self.stored[self.replaced[name]])
+        elif name in self.base.tensors:
+            value = self.base.get(name)
+        else:
+            raise MergeplugError(f"{self.where}: has no tensor {name}")
+        update = self.updates.get(name)
+        if update is None:
+            return value
+        import torch
+
+        delta = update.delta(lambda key: self._read(self.stored[key]))
+        dtype = torch.promote_types(delta.dtype, value.dtype)
+        return delta.to(dtype).add_(value.to(dtype))
 
 
 def copy_tokenizer_files(source: Path, destination: Path) -> list[str]:

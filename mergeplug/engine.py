@@ -32,6 +32,11 @@ Embeddings policy: ``embeddings: merge`` (the default) merges embeddings and ``l
 ``embeddings: base`` keeps them at the base model's values, as MergeBench does for every task-vector
 method (arXiv:2505.10833; uiuctml/MergeBench), which also sidesteps vocabulary mismatches.
 
+LoRA adapters: a model (or base_model) that is a peft adapter folder (``adapter_config.json``, no
+``config.json``) is read over its base, the recipe's base_model or else the ``base_model_name_or_path`` its
+config names, as W_base + scaling·B·A per targeted tensor (:class:`~mergeplug.checkpoint.LoraAdapter`): every
+merger works unchanged and the adapter's task vector is its low-rank product.
+
 Randomised mergers draw from ``TensorInputs.generator``, seeded from the recipe's ``seed`` and the tensor
 name: the same recipe and seed give byte-identical files.
 """
@@ -50,7 +55,8 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import (
-    Checkpoint, ShardedWriter, TensorInfo, copy_tokenizer_files, dtype_name, is_hub_id, parse_size, resolve_model, torch_dtype,
+    Checkpoint, ShardedWriter, TensorInfo, copy_tokenizer_files, dtype_name, is_hub_id, open_checkpoint, parse_size, resolve_model,
+    torch_dtype,
 )
 from .errors import MergeplugError
 from .schedule import depth, resolve_parameters
@@ -175,12 +181,15 @@ def plan_merge(recipe, *, device: str | None = "cpu", dtype: str | None = None, 
     relative_to = recipe.path.parent if recipe.path else None
     trust = bool(data.get("trust_remote_code", False))
 
-    def open_input(label: str, ref: str, parameters: dict) -> MergeInput:
+    def open_input(label: str, ref: str, parameters: dict, base: MergeInput | None = None) -> MergeInput:
         folder = resolve_model(ref, label=label, trust_remote_code=trust, relative_to=relative_to)
-        return MergeInput(label, ref, Checkpoint(folder, label=label, ref=ref), parameters)
+        checkpoint = open_checkpoint(folder, label=label, ref=ref, base=base.checkpoint if base else None,
+                                     trust_remote_code=trust)
+        return MergeInput(label, ref, checkpoint, parameters)
 
     base = open_input("base", data["base_model"], {}) if "base_model" in data else None
-    models = [open_input(f"models[{i}]", m["model"], m.get("parameters", {})) for i, m in enumerate(data["models"])]
+    # A LoRA adapter among the models reads over the recipe's base (else over the base its config names).
+    models = [open_input(f"models[{i}]", m["model"], m.get("parameters", {}), base) for i, m in enumerate(data["models"])]
     reference = base or models[0]
     inputs = ([base] if base else []) + models
 
@@ -447,10 +456,10 @@ def _move_into_place(tmp: Path, out: Path) -> None:
 # --- metadata ----------------------------------------------------------------------------------------------
 def _write_metadata(plan: MergePlan, folder: Path) -> None:
     (folder / "config.json").write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    ref_folder = plan.reference.checkpoint.folder
+    ref_folder = plan.reference.checkpoint.config_folder  # a LoRA adapter's config is its base's
     if (ref_folder / "generation_config.json").is_file():
         shutil.copy2(ref_folder / "generation_config.json", folder / "generation_config.json")
-    copied = copy_tokenizer_files(plan.tokenizer_source.checkpoint.folder, folder)
+    copied = copy_tokenizer_files(plan.tokenizer_source.checkpoint.tokenizer_folder, folder)
     if not copied:
         warnings.warn(f"{plan.tokenizer_source.where}: has no tokenizer files; the merged model has no tokenizer",
                       stacklevel=3)

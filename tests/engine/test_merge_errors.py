@@ -160,14 +160,16 @@ def test_interrupted_merge_leaves_output_as_it_was(zoo, write_recipe, tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == (["out", "recipe.yaml"] if existing else ["recipe.yaml"])
 
 
-def test_lora_adapter_folder_is_a_clear_error(zoo, write_recipe, tmp_path):
+def test_lora_adapter_folder_without_weights_is_a_clear_error(zoo, write_recipe, tmp_path):
     adapter = tmp_path / "adapter"
     adapter.mkdir()
-    (adapter / "adapter_config.json").write_text(json.dumps({"r": 8, "base_model_name_or_path": str(zoo["base"])}))
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 16, "peft_type": "LORA",
+                                                             "base_model_name_or_path": str(zoo["base"])}))
     recipe = write_recipe({"method": "linear", "models": [{"model": str(zoo["base"])}, {"model": str(adapter)}]})
     with pytest.raises(MergeplugError) as exc:
         merge(recipe, tmp_path / "out")
-    assert "is a LoRA adapter (adapter_config.json); LoRA adapter inputs arrive with the finetune issue" in one_line(exc)
+    assert "is a LoRA adapter (adapter_config.json) without its weights: no adapter_model.safetensors" in one_line(exc)
+    assert not (tmp_path / "out").exists()
 
 
 def test_cuda_without_a_gpu_is_a_clear_error_and_auto_falls_back_to_cpu(zoo, write_recipe, tmp_path):
