@@ -667,3 +667,23 @@ class ShardedWriter:
 
     def abort(self) -> None:
         self._close_handle()
+
+
+def replace_folder(finished: Path, out: Path) -> None:
+    """Rename the complete folder ``finished`` to ``out``. An existing ``out`` is set aside first and removed
+    only once the new one is in place (and put back if the rename fails), so ``out`` is never half-written."""
+    import os
+    import shutil
+    import uuid
+
+    if not out.exists():
+        os.replace(finished, out)
+        return
+    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+    os.replace(out, old)
+    try:
+        os.replace(finished, out)
+    except BaseException:
+        os.replace(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

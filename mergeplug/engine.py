@@ -48,15 +48,14 @@ import os
 import shutil
 import sys
 import tempfile
-import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .checkpoint import (
-    Checkpoint, ShardedWriter, TensorInfo, copy_tokenizer_files, dtype_name, is_hub_id, open_checkpoint, parse_size, resolve_model,
-    torch_dtype,
+    Checkpoint, ShardedWriter, TensorInfo, copy_tokenizer_files, dtype_name, is_hub_id, open_checkpoint, parse_size,
+    replace_folder, resolve_model, torch_dtype,
 )
 from .errors import MergeplugError
 from .schedule import depth, resolve_parameters
@@ -351,7 +350,7 @@ def run_merge(plan: MergePlan, out: str | Path, *, force: bool = False, progress
                 bar.update(tensor.nbytes)
         writer.close()
         _write_metadata(plan, tmp)
-        _move_into_place(tmp, out)
+        replace_folder(tmp, out)
     except BaseException:
         if writer is not None:
             writer.abort()
@@ -437,20 +436,6 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
-
-
-def _move_into_place(tmp: Path, out: Path) -> None:
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-    os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        os.replace(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # --- metadata ----------------------------------------------------------------------------------------------

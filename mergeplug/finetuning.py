@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
+from .checkpoint import replace_folder
 from .errors import MergeplugError
 
 
@@ -536,17 +537,7 @@ def _move_into_place(folder: Path, out: Path, force: bool) -> None:
     """Rename the finished ``folder`` to ``out``; an existing ``out`` (``force``) is set aside until then."""
     check_output(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if not out.exists():
-        os.replace(folder, out)
-        return
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    os.replace(out, old)
-    try:
-        os.replace(folder, out)
-    except BaseException:
-        os.replace(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+    replace_folder(folder, out)
 
 
 def saved_dtype(base: str) -> Any:
