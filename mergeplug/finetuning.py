@@ -488,6 +488,7 @@ def _train(run: dict, finetuner: Finetuner, params: dict, sets: list[TrainingSet
 
     trained = _gathered_model(trainer, finetuner, base)
     if not main:
+        _end_distributed()  # waits for the main process to write the output
         return out
     trained.config.use_cache = True
     folder = staging / "model"
@@ -507,7 +508,18 @@ def _train(run: dict, finetuner: Finetuner, params: dict, sets: list[TrainingSet
     (folder / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
     _move_into_place(folder, out, force)
     shutil.rmtree(staging, ignore_errors=True)
+    _end_distributed()
     return out
+
+
+def _end_distributed() -> None:
+    """Under torchrun: wait for every process, then take the process group down before the interpreter exits
+    (a gloo group left alive at exit can abort a process, "terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _gathered_model(trainer: Any, finetuner: Finetuner, base: str) -> Any:
