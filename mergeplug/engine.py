@@ -8,12 +8,13 @@ tensor:
 2. opens every checkpoint lazily (``config.json`` and safetensors headers only) and checks, before reading a
    single weight, that all share the reference's architecture (``model_type``, ``architectures``) and its
    tensor names and shapes; the reference is ``base_model``, or ``models[0]`` when there is none;
-3. for each merger pre-pass, streams every tensor through ``merger.observe``, then ``finish_observing``;
-4. streams every tensor: reads it from each input, converts it to ``compute_dtype`` on the device, resolves
+3. for a merger with a ``statistic`` (Fisher, ...): runs each model on its own data (see Statistics below);
+4. for each merger pre-pass, streams every tensor through ``merger.observe``, then ``finish_observing``;
+5. streams every tensor: reads it from each input, converts it to ``compute_dtype`` on the device, resolves
    the per-tensor parameters (:mod:`mergeplug.schedule`), calls ``merger.merge``, casts the result to the
    output dtype and appends it to the current shard (:class:`~mergeplug.checkpoint.ShardedWriter`); peak
    memory is a few tensors times the number of inputs, never a whole model;
-5. writes ``config.json``, ``generation_config.json``, the tokenizer files of ``tokenizer_source`` and a
+6. writes ``config.json``, ``generation_config.json``, the tokenizer files of ``tokenizer_source`` and a
    model card into a temporary folder beside ``out`` and renames it into place. An existing ``out`` is
    replaced only then; an error or Ctrl-C leaves ``out`` as it was and removes the temporary folder.
 
@@ -36,6 +37,20 @@ LoRA adapters: a model (or base_model) that is a peft adapter folder (``adapter_
 ``config.json``) is read over its base, the recipe's base_model or else the ``base_model_name_or_path`` its
 config names, as W_base + scaling·B·A per targeted tensor (:class:`~mergeplug.checkpoint.LoraAdapter`): every
 merger works unchanged and the adapter's task vector is its low-rank product.
+
+Statistics: a merger whose ``statistic`` is set needs data from every model, its own: ``models[i].domain``
+(the domain's validation set, else its first training set; ``models[i].data`` then replaces that set's hub
+data with local files) or ``models[i].data`` alone (local files with the Alpaca keys ``instruction``,
+``response``). Data is never paired with models by list position (MergeBench's RegMean and Fisher code pair
+the i-th data set with the i-th model, which mismatches them when the lists differ in order; arXiv:2505.10833,
+uiuctml/MergeBench). Missing data is reported at planning, before any weight is read. The first ``samples``
+rows are rendered with the domain's prompt format (Alpaca for local files, MergeBench's finetuning format),
+tokenized with the model's own tokenizer (BOS, prompt, response, EOS; cut at ``max_length`` tokens) and passed
+one sample per batch to ``merger.compute_statistic`` on the model loaded in float32 on the merge device. The
+result is cached on disk (:mod:`mergeplug.statistics`, folder ``$MERGEPLUG_CACHE``), keyed by the statistic,
+the model's files, the token ids and the merger's ``statistic_parameters``: a second merge with the same
+model, data and settings runs no forward pass, and a damaged entry is recomputed. While merging, each model's
+statistic for a tensor is read beside its weight into ``TensorInputs.statistics``.
 
 Randomised mergers draw from ``TensorInputs.generator``, seeded from the recipe's ``seed`` and the tensor
 name: the same recipe and seed give byte-identical files.
@@ -96,6 +111,20 @@ class TensorPlan:
 
 
 @dataclass
+class StatisticSource:
+    """Where model i's statistic data comes from, decided at planning (no data read yet)."""
+
+    where: str  # "models[i] (ref)"
+    entry: dict  # a domain's validation or training entry, or the entry describing local files
+    source: dict | None  # models[i].data: local files replacing the entry's hub data set
+    render_as: Any  # the Domain (its prompt format), or a dict with name and prompt_format
+
+
+#: How local files given as ``models[i].data`` without a domain are read: Alpaca keys, Alpaca prompts.
+LOCAL_STATISTIC_COLUMNS = {"instruction": "instruction", "response": "response"}
+
+
+@dataclass
 class MergePlan:
     """Everything :func:`run_merge` needs: the merger, the opened inputs and one plan per output tensor."""
 
@@ -115,6 +144,8 @@ class MergePlan:
     compute_dtype: str
     seed: int
     max_shard_bytes: int
+    statistic_sources: list[StatisticSource] = field(default_factory=list)  # per model, when the merger has a statistic
+    statistics: list[Any] = field(default_factory=list)  # per model: its StoredStatistic, once computed
 
     @property
     def inputs(self) -> list[MergeInput]:
@@ -172,6 +203,7 @@ def plan_merge(recipe, *, device: str | None = "cpu", dtype: str | None = None, 
     component = recipe.components["method"]
     merger_cls = component.load()
     merger = merger_cls(data["parameters"])  # a checked recipe already names a base_model when the merger needs one
+    statistic_sources = _statistic_sources(component.name, merger, data, registry)
     device = resolve_device(device)
     embeddings = data.get("embeddings", "merge")
     if embeddings == "base" and "base_model" not in data:
@@ -209,7 +241,35 @@ def plan_merge(recipe, *, device: str | None = "cpu", dtype: str | None = None, 
         tokenizer_source=tokenizer_source, family=family, tensors=tensors, config=config, device=device,
         compute_dtype=dtype_name(data.get("compute_dtype", "float32")), seed=int(data.get("seed", 0)),
         max_shard_bytes=parse_size(data.get("shard_size", "5GB")),
+        statistic_sources=statistic_sources,
     )
+
+
+def _statistic_sources(merger_name: str, merger, data: dict, registry) -> list[StatisticSource]:
+    """Each model's own data for the merger's statistic (none when it needs none); an error for a model
+    without any, before a checkpoint is opened."""
+    if getattr(merger, "statistic", None) is None:
+        return []
+    from .plugins import get_registry
+
+    sources = []
+    for i, model in enumerate(data["models"]):
+        where = f"models[{i}] ({model['model']})"
+        domain_name, local = model.get("domain"), model.get("data")
+        if domain_name is None and local is None:
+            raise MergeplugError(f"{where}: merger {merger_name} needs data from each model: give `domain:` "
+                                 f"(e.g. math) or `data:` in the recipe")
+        if domain_name is None:
+            entry = {"name": f"{where} data", "split": "train", "columns": dict(LOCAL_STATISTIC_COLUMNS)}
+            sources.append(StatisticSource(where, entry, local, {"name": where, "prompt_format": "alpaca"}))
+            continue
+        domain = (registry or get_registry()).get("domain", domain_name).load()
+        entry = domain.validation or (domain.training[0] if domain.training else None)
+        if entry is None:
+            raise MergeplugError(f"{where}: domain {domain_name} has neither a validation nor a training set for "
+                                 f"merger {merger_name}; give local files with `data:`")
+        sources.append(StatisticSource(where, {"name": f"{domain_name} (for {where})", **entry}, local, domain))
+    return sources
 
 
 def _check_architectures(reference: MergeInput, inputs: list[MergeInput]) -> None:
@@ -331,6 +391,8 @@ def run_merge(plan: MergePlan, out: str | Path, *, force: bool = False, progress
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the model folder should not be
+    if plan.statistic_sources and not plan.statistics:
+        plan.statistics = compute_statistics(plan)
     writer = None
     try:
         writer = ShardedWriter(tmp, [(t.name, t.shape, t.dtype) for t in plan.tensors], plan.max_shard_bytes,
@@ -384,7 +446,114 @@ def _inputs(plan: MergePlan, tensor: TensorPlan):
         num_layers=plan.family.num_layers(plan.reference.checkpoint.config),
         seed=plan.seed,
         model_names=[m.ref for m in plan.models],
+        statistics=[_read_statistic(plan, i, tensor) for i in range(len(plan.models))] if plan.statistics else [],
     )
+
+
+def _read_statistic(plan: MergePlan, model_index: int, tensor: TensorPlan):
+    """Model i's statistic for ``tensor``, rows aligned like its weight (a model with fewer vocabulary rows
+    has none for the reference's extra rows: zeros), or None when it has none for this tensor."""
+    import torch
+
+    stored = plan.statistics[model_index]
+    name = tensor.sources[model_index + (1 if plan.base else 0)]
+    if name not in stored.record["names"]:
+        return None
+    data = stored.get(name)
+    model = plan.models[model_index]
+    expected = model.checkpoint.tensors[name].shape
+    if tuple(data.shape) != tuple(expected):
+        raise MergeplugError(f"{model.where}: statistic {plan.merger.statistic} for {name} has shape "
+                             f"{list(data.shape)}, the weight {list(expected)}; delete cache entry {stored.folder}")
+    rows = tensor.merge_rows
+    if rows is not None and data.shape[0] != rows:
+        data = data[:rows] if data.shape[0] > rows else torch.cat([data, data.new_zeros((rows - data.shape[0], *data.shape[1:]))])
+    return data.to(plan.device).to(torch_dtype(plan.compute_dtype))
+
+
+def compute_statistics(plan: MergePlan) -> list:
+    """Each model's statistic (a :class:`~mergeplug.statistics.StoredStatistic`), from the cache or computed
+    now on the model's own data (see the module docstring)."""
+    from transformers import AutoTokenizer
+
+    from .checkpoint import LoraAdapter
+    from .data import load_rows, render_training_example
+    from .statistics import StatisticsCache, data_fingerprint, model_fingerprint
+
+    merger = plan.merger
+    settings = {name: merger.parameters.get(name) for name in merger.statistic_parameters}
+    samples, max_length = settings.get("samples"), settings.get("max_length")
+    cache = StatisticsCache()
+    trust = bool(plan.recipe.data.get("trust_remote_code", False))
+    stored = []
+    for model_input, source in zip(plan.models, plan.statistic_sources):
+        checkpoint = model_input.checkpoint
+        if isinstance(checkpoint, LoraAdapter):
+            raise MergeplugError(f"{source.where}: merger {plan.merger_name} computes statistics on full models; "
+                                 f"merge the LoRA adapter into its base first (peft's merge_and_unload)")
+        rows = load_rows(source.entry, source=source.source, limit=samples, label=source.entry["name"]).rows
+        if not rows:
+            raise MergeplugError(f"{source.where}: its data for merger {plan.merger_name} has no rows")
+        tokenizer = AutoTokenizer.from_pretrained(str(checkpoint.tokenizer_folder), trust_remote_code=trust)
+        examples = [_tokenize_example(tokenizer, *render_training_example(source.render_as, row), max_length)
+                    for row in rows]
+        key = cache.key(statistic=merger.statistic, model=model_fingerprint(str(checkpoint.folder)),
+                        data=data_fingerprint(examples), settings=settings)
+
+        def compute(folder=checkpoint.folder, examples=examples, where=source.where):
+            return _run_statistic(plan, folder, examples, settings, where, trust)
+
+        entry, _ = cache.get_or_compute(key, compute, meta={"statistic": merger.statistic, "model": model_input.ref,
+                                                            "rows": len(rows), **settings})
+        if not set(entry.record["names"]) & set(checkpoint.tensors):
+            # Parameter names the checkpoint does not use (a renaming in transformers): merging would silently
+            # ignore the statistic, so say so instead.
+            raise MergeplugError(f"{source.where}: its {merger.statistic} statistic names no tensor of the checkpoint "
+                                 f"(e.g. {entry.record['names'][:2]}); cache entry {entry.folder}")
+        stored.append(entry)
+    return stored
+
+
+def _tokenize_example(tokenizer, prompt: str, response: str, max_length: int | None) -> dict:
+    """Token ids of BOS + prompt + response + EOS cut at ``max_length``, and how many are the prompt's."""
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    if tokenizer.bos_token_id is not None:
+        prompt_ids = [tokenizer.bos_token_id, *prompt_ids]
+    if tokenizer.eos_token_id is not None:
+        response_ids = [*response_ids, tokenizer.eos_token_id]  # the specialists were trained to stop
+    ids = (prompt_ids + response_ids)[:max_length] if max_length else prompt_ids + response_ids
+    return {"input_ids": ids, "prompt_tokens": min(len(prompt_ids), len(ids))}
+
+
+def _run_statistic(plan: MergePlan, folder: Path, examples: list[dict], settings: dict, where: str, trust: bool):
+    import gc
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, trust_remote_code=trust)
+    model.to(plan.device).eval()
+    batches = []
+    for example in examples:
+        ids = torch.tensor([example["input_ids"]], dtype=torch.long, device=plan.device)
+        labels = ids.clone()
+        labels[:, :example["prompt_tokens"]] = -100
+        batches.append({"input_ids": ids, "labels": labels})
+    try:
+        with torch.enable_grad():
+            result = plan.merger.compute_statistic(model, batches, dict(settings))
+        return {name: t.detach().cpu() for name, t in result.items()}
+    except MergeplugError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a plugin's bug, reported with the model it failed on
+        raise MergeplugError(f"{where}: merger {plan.merger_name!r} failed computing its statistic "
+                             f"{plan.merger.statistic}: {type(exc).__name__}: {exc}") from exc
+    finally:
+        del model, batches
+        gc.collect()
+        if plan.device.startswith("cuda"):
+            torch.cuda.empty_cache()
 
 
 def _read_source(plan: MergePlan, inp: MergeInput, tensor: TensorPlan, index: int, rows: int | None):

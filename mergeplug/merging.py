@@ -38,6 +38,9 @@ class TensorInputs:
     num_layers: int | None = None
     seed: int = 0
     model_names: list[str] = field(default_factory=list)
+    #: Per model: its statistic for this tensor (the merger's ``statistic``, e.g. a diagonal Fisher), in the
+    #: compute dtype and device, or None where the model has none for it; empty when the merger needs none.
+    statistics: list[torch.Tensor | None] = field(default_factory=list)
 
     def task_vectors(self) -> list[torch.Tensor]:
         """τ_i = θ_i − θ_base for every model (Ilharco et al., arXiv:2212.04089); see :func:`task_vector`."""
@@ -62,12 +65,21 @@ class Merger:
     Class attributes a subclass may set:
       ``needs_base``: the method takes task vectors against a base model (the recipe must name one);
       ``prepasses``: how many streaming passes over every tensor the engine runs, calling
-        :meth:`observe` with the pass index, before merging any (0: none).
+        :meth:`observe` with the pass index, before merging any (0: none);
+      ``statistic``: None, or the name of a per-model statistic the method needs (``"fisher"``); the engine
+        then runs each model on its own domain's data before merging, through :meth:`compute_statistic`,
+        caches the result on disk (:mod:`mergeplug.statistics`) and hands each model's tensor of it to
+        :meth:`merge` in ``TensorInputs.statistics``;
+      ``statistic_parameters``: the global parameters that change the statistic (they name its cache entry,
+        with the model and the data; the others, e.g. a floor applied when merging, do not). ``samples`` and
+        ``max_length`` are read by the engine: how many rows of the domain's data, and the token cut.
     The recipe's global parameters, defaults filled in, are in ``self.parameters``.
     """
 
     needs_base: ClassVar[bool] = True
     prepasses: int = 0  # an instance may set it from its parameters (e.g. TIES' trim_scope)
+    statistic: ClassVar[str | None] = None
+    statistic_parameters: ClassVar[tuple[str, ...]] = ("samples", "max_length")
 
     def __init__(self, parameters: dict[str, Any] | None = None):
         self.parameters = dict(parameters or {})
@@ -77,6 +89,18 @@ class Merger:
 
     def finish_observing(self, pass_index: int) -> None:
         """Called once at the end of each pre-pass."""
+
+    def compute_statistic(self, model: Any, batches: Iterable[dict[str, torch.Tensor]],
+                          settings: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The ``statistic`` of one model (only when ``statistic`` is set), keyed by its parameter names (the
+        checkpoint's tensor names); a tensor may be left out, and is then merged without one.
+
+        ``model``: a transformers causal LM in float32 on the merge device, in eval mode, gradients enabled;
+        ``batches``: one per sample, ``input_ids`` and ``labels`` of shape [1, length] (labels -100 on the prompt
+        tokens, the token ids on the response's, the alpaca-rendered text cut at ``max_length``);
+        ``settings``: the ``statistic_parameters`` values.
+        """
+        raise NotImplementedError
 
     def merge(self, inputs: TensorInputs) -> torch.Tensor:
         """The merged tensor, same shape as the inputs, in their dtype."""

@@ -250,9 +250,18 @@ def test_lm_head_present_in_some_models_only(zoo, write_recipe, tmp_path):
 
 
 @pytest.mark.parametrize("method", Registry().names("merger"))
-def test_every_installed_merger_runs_through_the_engine(method, zoo, write_recipe, tmp_path):
+def test_every_installed_merger_runs_through_the_engine(method, zoo, write_recipe, tmp_path, monkeypatch):
     models = [{"model": str(zoo["ft1"])}] + ([] if method == "slerp" else [{"model": str(zoo["ft2"])}])
-    recipe = write_recipe({"method": method, "base_model": str(zoo["base"]), "models": models, "seed": 1})
+    extra = {}
+    if getattr(Registry().get("merger", method).load(), "statistic", None):
+        # A data-aware merger: each model's own domain data (the offline sample), a private cache, few samples.
+        for m in models:
+            m["domain"] = "math"
+        for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+            monkeypatch.setenv(name, "1")
+        monkeypatch.setenv("MERGEPLUG_CACHE", str(tmp_path / "cache"))
+        extra = {"parameters": {"samples": 2, "max_length": 400}}
+    recipe = write_recipe({"method": method, "base_model": str(zoo["base"]), "models": models, "seed": 1, **extra})
     merged, base = load(merge(recipe, tmp_path / "out")), load(zoo["base"])
     assert {n: t.shape for n, t in merged.items()} == {n: t.shape for n, t in base.items()}
     assert all(bool(torch.isfinite(t).all()) for t in merged.values())
