@@ -72,7 +72,10 @@ class Merger:
         :meth:`merge` in ``TensorInputs.statistics``;
       ``statistic_parameters``: the global parameters that change the statistic (they name its cache entry,
         with the model and the data; the others, e.g. a floor applied when merging, do not). ``samples`` and
-        ``max_length`` are read by the engine: how many rows of the domain's data, and the token cut.
+        ``max_length`` are read by the engine: how many rows of the domain's data, and the token cut;
+      ``statistic_shape``: ``"weight"`` when each statistic tensor has its weight's shape (Fisher: the engine
+        checks it and aligns vocabulary rows like the weight's), ``"any"`` when it has its own (RegMean's Gram
+        matrices: the merger checks it).
     The recipe's global parameters, defaults filled in, are in ``self.parameters``.
     """
 
@@ -80,6 +83,7 @@ class Merger:
     prepasses: int = 0  # an instance may set it from its parameters (e.g. TIES' trim_scope)
     statistic: ClassVar[str | None] = None
     statistic_parameters: ClassVar[tuple[str, ...]] = ("samples", "max_length")
+    statistic_shape: ClassVar[str] = "weight"
 
     def __init__(self, parameters: dict[str, Any] | None = None):
         self.parameters = dict(parameters or {})
