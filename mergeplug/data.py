@@ -119,9 +119,14 @@ def _read_hub_or_sample(entry: dict, limit: int | None, offline: bool | None,
     return [(entry["sample"], rows)], f"sample:{entry['sample']}"
 
 
+def env_flag(*names: str) -> bool:
+    """Whether any of the environment variables ``names`` is set true (1, on, yes, true), as Hugging Face reads
+    its ``HF_*_OFFLINE`` flags."""
+    return any(os.environ.get(k, "").strip().upper() in ("1", "ON", "YES", "TRUE") for k in names)
+
+
 def _env_offline() -> bool:
-    return any(os.environ.get(k, "").strip().upper() in ("1", "ON", "YES", "TRUE")
-               for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    return env_flag("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 
 
 def _datasets_offline() -> bool:

@@ -135,6 +135,17 @@ class Evaluator:
         return {name: mean_with_stderr([s.scores[name] for s in scored if name in s.scores]) for name in names}
 
 
+def single_response(answers: list, problem: str) -> str:
+    """The one text answered to a single-sample :class:`Generate`; anything else is a
+    :class:`~mergeplug.errors.MergeplugError` that says ``problem`` (what the evaluator needs and how to set it)."""
+    texts = answers[0] if answers else None
+    if isinstance(texts, str):
+        return texts
+    if not isinstance(texts, (list, tuple)) or len(texts) != 1 or not isinstance(texts[0], str):
+        raise MergeplugError(f"{problem} (got {texts!r:.80})")
+    return texts[0]
+
+
 def _generation_kwargs(generation: dict) -> dict:
     keys = ("max_new_tokens", "temperature", "top_p", "samples", "seed")
     kwargs = {k: generation[k] for k in keys if k in generation}

@@ -149,7 +149,7 @@ def check_base_model(base: str, offline: bool | None = None) -> None:
     """A local folder needs a config.json; a hub id needs a config.json the hub (or its cache) can give. Offline
     (``offline``, else ``HF_HUB_OFFLINE`` read now) or with the hub out of reach, only the cache is asked."""
     from .checkpoint import is_hub_id
-    from .data import hub_reachable
+    from .data import env_flag, hub_reachable
 
     path = Path(base).expanduser()
     if path.exists():
@@ -162,7 +162,7 @@ def check_base_model(base: str, offline: bool | None = None) -> None:
         from huggingface_hub import hf_hub_download
 
         if offline is None:
-            offline = os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE")
+            offline = env_flag("HF_HUB_OFFLINE")
         hf_hub_download(base, "config.json", local_files_only=offline or not hub_reachable())
     except Exception as exc:  # noqa: BLE001 - missing, gated or offline: the user's to fix, in one line
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]

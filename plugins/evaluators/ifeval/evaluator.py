@@ -24,9 +24,13 @@ import math
 from typing import Any, Mapping, Sequence
 
 from mergeplug.errors import MergeplugError
-from mergeplug.evaluation import Evaluator, Metric, Scored, mean_with_stderr
+from mergeplug.evaluation import Evaluator, Metric, Scored, mean_with_stderr, single_response
 
 from .instructions import INSTRUCTIONS, Checker, bind_kwargs, follows
+
+#: Why a sample with several answers is refused.
+ONE_RESPONSE = ("IFEval scores exactly one response per prompt (greedy, as arXiv:2311.07911); set samples: 1 in the "
+                "benchmark's generation")
 
 
 class IFEval(Evaluator):
@@ -48,7 +52,7 @@ class IFEval(Evaluator):
         return strict, loose
 
     def score(self, sample: dict, answers: list) -> Scored:
-        strict, loose = self.follows(sample, _single_response(answers))
+        strict, loose = self.follows(sample, single_response(answers, ONE_RESPONSE))
         return Scored(
             {
                 "prompt_level_strict": float(all(strict)),
@@ -99,17 +103,6 @@ def _instructions_of(sample: dict) -> tuple[list[str], list[Any]]:
         )
     return list(ids), kwargs
 
-
-def _single_response(answers: list) -> str:
-    texts = answers[0] if answers else None
-    if isinstance(texts, str):
-        return texts
-    if not isinstance(texts, (list, tuple)) or len(texts) != 1 or not isinstance(texts[0], str):
-        raise MergeplugError(
-            "IFEval scores exactly one response per prompt (greedy, as arXiv:2311.07911); set samples: 1 in the "
-            f"benchmark's generation (got {texts!r:.80})"
-        )
-    return texts[0]
 
 
 def _import_checkers(targets: Mapping[str, str]) -> dict[str, Checker]:

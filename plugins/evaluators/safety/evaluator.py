@@ -23,7 +23,10 @@ from functools import cached_property
 from typing import Any, Mapping, Sequence
 
 from mergeplug.errors import MergeplugError
-from mergeplug.evaluation import Evaluator, Judge, Request, Scored, load_judge
+from mergeplug.evaluation import Evaluator, Judge, Request, Scored, load_judge, single_response
+
+#: Why a sample with several answers is refused.
+ONE_RESPONSE = "safety evaluator: it judges exactly one response per prompt; set samples: 1"
 
 HARMFUL_LABELS = {"harmful", "unsafe", "true", "1", "yes", "toxic", "unsafe_prompt"}
 BENIGN_LABELS = {"unharmful", "harmless", "safe", "benign", "false", "0", "no", "nontoxic", "non_toxic", "safe_prompt"}
@@ -83,7 +86,7 @@ class Safety(Evaluator):
         if len(samples) != len(answers_list):
             raise MergeplugError(f"safety evaluator: {len(samples)} samples but {len(answers_list)} answer lists")
         harmful = [is_harmful(sample["harmful"]) for sample in samples]
-        responses = [_single_response(answers) for answers in answers_list]
+        responses = [single_response(answers, ONE_RESPONSE) for answers in answers_list]
         refused = list(self.judge.refusals([str(sample["prompt"]) for sample in samples], responses))
         if len(refused) != len(samples):
             raise MergeplugError(
@@ -98,14 +101,3 @@ class Safety(Evaluator):
                 scores = {"compliance_rate": float(not did_refuse)}
             scored.append(Scored(scores, {"harmful": is_bad, "refused": did_refuse}))
         return scored
-
-
-def _single_response(answers: list) -> str:
-    texts = answers[0] if answers else None
-    if isinstance(texts, str):
-        return texts
-    if not isinstance(texts, (list, tuple)) or len(texts) != 1 or not isinstance(texts[0], str):
-        raise MergeplugError(
-            f"safety evaluator: it judges exactly one response per prompt; set samples: 1 (got {texts!r:.80})"
-        )
-    return texts[0]
