@@ -410,6 +410,15 @@ def finetune_command(base, domains, output, recipe, finetuner, settings, max_ste
         click.echo(f"wrote {out}")
 
 
+# --- commands defined in their own modules (each imports only click until it runs) -------------------------
+from .bench_command import bench_command  # noqa: E402
+from .report_command import report_command  # noqa: E402
+from .tune_command import tune_command  # noqa: E402
+
+for _command in (tune_command, bench_command, report_command):
+    cli.add_command(_command)
+
+
 def main(argv=None):
     """Console entry point: lets plugins add commands, then runs the group."""
     try:

@@ -50,7 +50,9 @@ one sample per batch to ``merger.compute_statistic`` on the model loaded in floa
 result is cached on disk (:mod:`mergeplug.statistics`, folder ``$MERGEPLUG_CACHE``), keyed by the statistic,
 the model's files, the token ids and the merger's ``statistic_parameters``: a second merge with the same
 model, data and settings runs no forward pass, and a damaged entry is recomputed. While merging, each model's
-statistic for a tensor is read beside its weight into ``TensorInputs.statistics``.
+statistic for a tensor is read beside its weight into ``TensorInputs.statistics``. A merger whose
+``statistic_needs_base`` is set (trained Localize-and-Stitch masks) is also handed the base model's weights,
+read lazily (``compute_statistic(..., base=...)``), and the base model's fingerprint joins the cache key.
 
 Randomised mergers draw from ``TensorInputs.generator``, seeded from the recipe's ``seed`` and the tensor
 name: the same recipe and seed give byte-identical files.
@@ -64,6 +66,7 @@ import shutil
 import sys
 import tempfile
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -487,6 +490,11 @@ def compute_statistics(plan: MergePlan) -> list:
     samples, max_length = settings.get("samples"), settings.get("max_length")
     cache = StatisticsCache()
     trust = bool(plan.recipe.data.get("trust_remote_code", False))
+    needs_base = bool(getattr(merger, "statistic_needs_base", False))
+    if needs_base and plan.base is None:
+        raise MergeplugError(f"{plan.recipe.source}: merger {plan.merger_name} computes its {merger.statistic} "
+                             f"statistic against a base model; give base_model in the recipe")
+    base_fingerprint = _checkpoint_fingerprint(plan.base.checkpoint) if needs_base else None
     stored = []
     for model_input, source in zip(plan.models, plan.statistic_sources):
         checkpoint = model_input.checkpoint
@@ -499,14 +507,19 @@ def compute_statistics(plan: MergePlan) -> list:
         tokenizer = AutoTokenizer.from_pretrained(str(checkpoint.tokenizer_folder), trust_remote_code=trust)
         examples = [_tokenize_example(tokenizer, *render_training_example(source.render_as, row), max_length)
                     for row in rows]
-        key = cache.key(statistic=merger.statistic, model=model_fingerprint(str(checkpoint.folder)),
-                        data=data_fingerprint(examples), settings=settings)
+        fingerprint = model_fingerprint(str(checkpoint.folder))
+        if needs_base:  # only then: the keys of statistics that read no base stay as they were
+            fingerprint = {**fingerprint, "base": base_fingerprint}
+        key = cache.key(statistic=merger.statistic, model=fingerprint, data=data_fingerprint(examples),
+                        settings=settings)
 
         def compute(folder=checkpoint.folder, examples=examples, where=source.where):
             return _run_statistic(plan, folder, examples, settings, where, trust)
 
-        entry, _ = cache.get_or_compute(key, compute, meta={"statistic": merger.statistic, "model": model_input.ref,
-                                                            "rows": len(rows), **settings})
+        meta = {"statistic": merger.statistic, "model": model_input.ref, "rows": len(rows), **settings}
+        if needs_base:
+            meta["base"] = plan.base.ref
+        entry, _ = cache.get_or_compute(key, compute, meta=meta)
         if not set(entry.record["names"]) & set(checkpoint.tensors):
             # Parameter names the checkpoint does not use (a renaming in transformers): merging would silently
             # ignore the statistic, so say so instead.
@@ -542,9 +555,12 @@ def _run_statistic(plan: MergePlan, folder: Path, examples: list[dict], settings
         labels = ids.clone()
         labels[:, :example["prompt_tokens"]] = -100
         batches.append({"input_ids": ids, "labels": labels})
+    extra = {}
+    if getattr(plan.merger, "statistic_needs_base", False):
+        extra["base"] = BaseWeights(plan.base, [name for name, _ in model.named_parameters()], plan.device)
     try:
         with torch.enable_grad():
-            result = plan.merger.compute_statistic(model, batches, dict(settings))
+            result = plan.merger.compute_statistic(model, batches, dict(settings), **extra)
         return {name: t.detach().cpu() for name, t in result.items()}
     except MergeplugError:
         raise
@@ -556,6 +572,49 @@ def _run_statistic(plan: MergePlan, folder: Path, examples: list[dict], settings
         gc.collect()
         if plan.device.startswith("cuda"):
             torch.cuda.empty_cache()
+
+
+class BaseWeights(Mapping):
+    """The base model's weights for a statistic that needs them (``Merger.statistic_needs_base``): parameter
+    name -> float32 tensor on ``device``, read from the base checkpoint on each lookup, so the statistics pass
+    holds none of them unless the merger keeps them. The names are those of ``parameter_names`` (the model's
+    ``named_parameters()``) that the base checkpoint has."""
+
+    def __init__(self, base: MergeInput, parameter_names: list[str], device: str):
+        self._base, self._device = base, device
+        available = base.checkpoint.tensors
+        self._names = dict.fromkeys(name for name in parameter_names if name in available)  # ordered, O(1) lookup
+
+    def __getitem__(self, name: str):
+        import torch
+
+        if name not in self._names:
+            raise KeyError(name)
+        return self._base.checkpoint.get(name).to(device=self._device, dtype=torch.float32)
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names
+
+    @property
+    def where(self) -> str:
+        return self._base.where
+
+
+def _checkpoint_fingerprint(checkpoint) -> dict:
+    """:func:`~mergeplug.statistics.model_fingerprint` of a checkpoint; a LoRA adapter's includes its base's."""
+    from .checkpoint import LoraAdapter
+    from .statistics import model_fingerprint
+
+    fingerprint = model_fingerprint(str(checkpoint.folder))
+    if isinstance(checkpoint, LoraAdapter):
+        fingerprint = {**fingerprint, "adapter_base": _checkpoint_fingerprint(checkpoint.base)}
+    return fingerprint
 
 
 def _read_source(plan: MergePlan, inp: MergeInput, tensor: TensorPlan, index: int, rows: int | None):

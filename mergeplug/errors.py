@@ -29,6 +29,8 @@ class ComponentConflictError(MergeplugError):
 def closest_first(name: str, candidates: Iterable[str]) -> list[str]:
     """All candidates, the ones most similar to ``name`` first (then alphabetical)."""
     candidates = sorted(set(candidates))
+    if not candidates:  # difflib refuses n=0
+        return []
     ranked = difflib.get_close_matches(name, candidates, n=len(candidates), cutoff=0.0)
     return ranked
 

@@ -319,6 +319,40 @@ def domain_score(benchmarks: dict[str, dict]) -> float:
     return total / weight if weight else math.nan
 
 
+def normalised_performance(score: float | None, specialist_score: float | None) -> float | None:
+    """A model's domain score over the domain specialist's (same base, same benchmarks), as MergeBench
+    (arXiv:2505.10833) normalises; None when either score is missing or NaN, or the specialist scored 0."""
+    if score is None or specialist_score is None or math.isnan(score) or math.isnan(specialist_score):
+        return None
+    if not specialist_score:
+        return None
+    return score / specialist_score
+
+
+def forgetting(base_values: Sequence[float | None],
+               model_values: Sequence[float | None]) -> tuple[float | None, float | None]:
+    """(relative, absolute) forgetting of a model against its base over paired benchmark values.
+
+    ``base_values[i]`` and ``model_values[i]`` are the same benchmark's headline value (base-ability domains).
+    Absolute = mean of (base - model) over the pairs where both are known; relative = mean of
+    (base - model) / base over those pairs whose base value is non-zero. MergeBench (arXiv:2505.10833) does
+    not publish its formula: the relative drop is our choice, the absolute drop is reported beside it.
+    Either is None when no pair qualifies.
+    """
+    if len(base_values) != len(model_values):
+        raise MergeplugError(f"forgetting: {len(base_values)} base values but {len(model_values)} model values; "
+                             "pair them benchmark by benchmark")
+    drops, relative = [], []
+    for theirs, mine in zip(base_values, model_values):
+        if mine is None or theirs is None:
+            continue
+        drops.append(theirs - mine)
+        if theirs:
+            relative.append((theirs - mine) / theirs)
+    return (sum(relative) / len(relative) if relative else None,
+            sum(drops) / len(drops) if drops else None)
+
+
 def summarise(results: dict[str, dict], roles: dict[str, str], *, base: str | None,
               specialists: dict[str, str], models: list[str]) -> dict:
     scores = {m: {d: domain_score(b) for d, b in per.items()} for m, per in results.items()}
@@ -329,30 +363,26 @@ def summarise(results: dict[str, dict], roles: dict[str, str], *, base: str | No
         }}
         normalised = {}
         for domain, specialist in specialists.items():
-            own, ref = scores[model].get(domain), scores[specialist].get(domain)
-            if own is not None and ref and not math.isnan(ref) and not math.isnan(own):
-                normalised[domain] = own / ref
+            ratio = normalised_performance(scores[model].get(domain), scores[specialist].get(domain))
+            if ratio is not None:
+                normalised[domain] = ratio
         if normalised:
             entry["normalised"] = normalised
             entry["normalised_mean"] = sum(normalised.values()) / len(normalised)
         if base and model != base:
-            drops, rel = [], []
+            base_values, model_values = [], []
             for domain, role in roles.items():
                 if role != "base_ability":
                     continue
                 for b, v in per.get(domain, {}).items():
-                    mine = v["metrics"].get(v["headline"], {}).get("value")
                     ref_entry = results[base][domain][b]
-                    theirs = ref_entry["metrics"].get(ref_entry["headline"], {}).get("value")
-                    if mine is None or theirs is None:
-                        continue
-                    drops.append(theirs - mine)
-                    if theirs:
-                        rel.append((theirs - mine) / theirs)
-            if drops:
-                entry["forgetting_absolute"] = sum(drops) / len(drops)
-            if rel:
-                entry["forgetting"] = sum(rel) / len(rel)
+                    model_values.append(v["metrics"].get(v["headline"], {}).get("value"))
+                    base_values.append(ref_entry["metrics"].get(ref_entry["headline"], {}).get("value"))
+            relative, absolute = forgetting(base_values, model_values)
+            if absolute is not None:
+                entry["forgetting_absolute"] = absolute
+            if relative is not None:
+                entry["forgetting"] = relative
         entry["role"] = ("base" if model == base else
                          "specialist" if model in specialists.values() and model not in models else "evaluated")
         summary["models"][model] = entry

@@ -66,6 +66,17 @@ def register_families(register):
     """Register model families: what is special about an architecture (tied embeddings, layer names...)."""
 
 
+# --- searching and scheduling ------------------------------------------------------------------------------
+@hookspec
+def register_strategies(register):
+    """Register search strategies for ``mergeplug tune``: propose the next coefficients to try from the trials so far."""
+
+
+@hookspec
+def register_executors(register):
+    """Register executors for ``mergeplug bench``: run a graph of steps (in-process, worker processes, Ray)."""
+
+
 # --- the command line --------------------------------------------------------------------------------------
 @hookspec
 def register_commands(cli):
@@ -82,6 +93,8 @@ KIND_HOOKS = {
     "backend": "register_backends",
     "domain": "register_domains",
     "family": "register_families",
+    "strategy": "register_strategies",
+    "executor": "register_executors",
 }
 
 #: Every component kind, in the order ``mergeplug list`` shows them.

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterable
+from typing import Any, Callable, ClassVar, Iterable, Mapping
 
 import torch
 
@@ -75,7 +75,11 @@ class Merger:
         ``max_length`` are read by the engine: how many rows of the domain's data, and the token cut;
       ``statistic_shape``: ``"weight"`` when each statistic tensor has its weight's shape (Fisher: the engine
         checks it and aligns vocabulary rows like the weight's), ``"any"`` when it has its own (RegMean's Gram
-        matrices: the merger checks it).
+        matrices: the merger checks it);
+      ``statistic_needs_base``: the statistic also reads the base model's weights (trained Localize-and-Stitch
+        masks train on task vectors): the engine then passes ``base=`` to :meth:`compute_statistic` and the
+        base model's fingerprint joins the cache key, so a changed base recomputes the statistic. The recipe
+        must name a base_model.
     The recipe's global parameters, defaults filled in, are in ``self.parameters``.
     """
 
@@ -84,6 +88,7 @@ class Merger:
     statistic: ClassVar[str | None] = None
     statistic_parameters: ClassVar[tuple[str, ...]] = ("samples", "max_length")
     statistic_shape: ClassVar[str] = "weight"
+    statistic_needs_base: ClassVar[bool] = False
 
     def __init__(self, parameters: dict[str, Any] | None = None):
         self.parameters = dict(parameters or {})
@@ -95,14 +100,21 @@ class Merger:
         """Called once at the end of each pre-pass."""
 
     def compute_statistic(self, model: Any, batches: Iterable[dict[str, torch.Tensor]],
-                          settings: dict[str, Any]) -> dict[str, torch.Tensor]:
+                          settings: dict[str, Any], base: Mapping[str, torch.Tensor] | None = None,
+                          ) -> dict[str, torch.Tensor]:
         """The ``statistic`` of one model (only when ``statistic`` is set), keyed by its parameter names (the
         checkpoint's tensor names); a tensor may be left out, and is then merged without one.
 
-        ``model``: a transformers causal LM in float32 on the merge device, in eval mode, gradients enabled;
+        ``model``: a transformers causal LM in float32 on the merge device, in eval mode, gradients enabled
+        (the engine discards it afterwards, so the merger may change its weights);
         ``batches``: one per sample, ``input_ids`` and ``labels`` of shape [1, length] (labels -100 on the prompt
         tokens, the token ids on the response's, the alpaca-rendered text cut at ``max_length``);
-        ``settings``: the ``statistic_parameters`` values.
+        ``settings``: the ``statistic_parameters`` values;
+        ``base``: passed only when ``statistic_needs_base`` is set (the keyword is absent otherwise, so
+        overrides without it keep working): the base model's weights, parameter name (as in
+        ``model.named_parameters()``) to a float32 tensor on the merge device, read from the base checkpoint
+        each time a name is looked up (nothing is held: a merger keeps what it needs). It holds the names the
+        base checkpoint has; a base tensor may differ from the model's in vocabulary rows.
         """
         raise NotImplementedError
 

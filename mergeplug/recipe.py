@@ -1,4 +1,4 @@
-"""Recipes: YAML or JSON files that say what to merge, finetune, evaluate, fuse or bench.
+"""Recipes: YAML or JSON files that say what to merge, finetune, evaluate, fuse, bench or tune.
 
 Checking happens in two passes, both before any model is opened: the recipe against its schema in
 ``schemas/``, then each component it names against the registry and against that component's own
@@ -18,7 +18,7 @@ from .plugins import Component, Registry, get_registry
 from .schedule import is_schedule
 from .schema import format_path, load_schema, problems, with_defaults
 
-RECIPE_KINDS = ("merge", "finetune", "evaluate", "fuse", "bench")
+RECIPE_KINDS = ("merge", "finetune", "evaluate", "fuse", "bench", "tune")
 
 #: Converters from other tools' recipe formats, tried in order: ``(detect(data) -> bool, convert(data, source))``.
 DIALECTS: list[tuple[Callable[[dict], bool], Callable[[dict, str], dict]]] = []
@@ -147,12 +147,18 @@ def parameter_problems(values: dict, schema: dict, *, source: str, where: Sequen
                 for j, v in items:
                     if "value" in entry:
                         path = [*at, "value"] + ([j] if j is not None else [])
-                        out += problems(v, {**schema, **prop}, source=source, prefix=path)
+                        out += problems(v, _value_schema(schema, prop), source=source, prefix=path)
             else:
-                out += problems(entry, {**schema, **prop}, source=source, prefix=at)
+                out += problems(entry, _value_schema(schema, prop), source=source, prefix=at)
     rest = {**schema, "required": [r for r in schema.get("required", []) if r not in scheduled]}
     out += problems(plain, rest, source=source, prefix=where)
     return out
+
+
+def _value_schema(schema: dict, prop: dict) -> dict:
+    """The schema of one value of parameter ``prop`` (a schedule entry): the property's own, with the
+    component schema's definitions it may refer to, and nothing of the object schema (type, required...)."""
+    return {key: schema[key] for key in ("$defs", "definitions") if key in schema} | prop
 
 
 def merger_needs_base(component: Component) -> bool:
@@ -266,7 +272,29 @@ def _fuse_checks(recipe: Recipe, registry: Registry) -> list[str]:
 def _bench_checks(recipe: Recipe, registry: Registry) -> list[str]:
     out: list[str] = []
     _domains(recipe, registry, out)
-    _use(recipe, registry, "finetuner", ["finetuner"], out)
+    for i, name in enumerate(recipe.data["base_abilities"]):
+        _resolve(recipe, registry, "domain", name, ["base_abilities", i], out)
+    use = recipe.data["finetuner"]
+    use = {"name": use, "parameters": {}} if isinstance(use, str) else {"parameters": {}, **use}
+    finetuner = _resolve(recipe, registry, "finetuner", use["name"], ["finetuner"], out)
+    if finetuner is not None:
+        from .finetuning import parameter_schema
+
+        # As in a finetune recipe, the core's training parameters (learning rate, epochs...) are valid for
+        # every finetuner; the training defaults are filled when a run starts.
+        lines = parameter_problems(use["parameters"], parameter_schema(finetuner), source=recipe.source,
+                                   where=["finetuner", "parameters"])
+        out += lines
+        if not lines:
+            recipe.data["finetuner"] = {"name": use["name"],
+                                        "parameters": with_defaults(use["parameters"], finetuner.parameters)}
+    _use(recipe, registry, "executor", ["executor"], out)
+    _resolve(recipe, registry, "backend", recipe.data["evaluation"]["backend"], ["evaluation", "backend"], out)
+    labels = [base_label(entry, i) for i, entry in enumerate(recipe.data["base_models"])]
+    for i, label in enumerate(labels):
+        if labels.index(label) != i:
+            out.append(f"{recipe.source}: base_models[{i}]: label {label!r} is already used by base_models"
+                       f"[{labels.index(label)}]; give each a distinct name")
     for i, entry in enumerate(recipe.data["mergers"]):
         entry = {"name": entry} if isinstance(entry, str) else entry
         recipe.data["mergers"][i] = entry
@@ -286,12 +314,32 @@ def _bench_checks(recipe: Recipe, registry: Registry) -> list[str]:
     return out
 
 
+def base_label(entry, index: int) -> str:
+    """The label of a bench's base model: its ``name``, else the model folder's or hub id's last part, else
+    ``tiny`` for a tiny base built by the bench (``tiny-N`` after the first)."""
+    if isinstance(entry, str):
+        return Path(entry.rstrip("/")).name or entry
+    if entry.get("name"):
+        return entry["name"]
+    if "model" in entry:
+        return Path(entry["model"].rstrip("/")).name or entry["model"]
+    return "tiny" if index == 0 else f"tiny-{index}"
+
+
+def _tune_checks(recipe: Recipe, registry: Registry) -> list[str]:
+    # The space addresses the merger's own parameters, so its checks live beside the search (mergeplug.tuning).
+    from .tuning import tune_recipe_problems
+
+    return tune_recipe_problems(recipe, registry)
+
+
 _COMPONENT_CHECKS: dict[str, Callable[[Recipe, Registry], list[str]]] = {
     "merge": _merge_checks,
     "finetune": _finetune_checks,
     "evaluate": _evaluate_checks,
     "fuse": _fuse_checks,
     "bench": _bench_checks,
+    "tune": _tune_checks,
 }
 
 

@@ -177,8 +177,13 @@ def test_bench_recipe_checks_mergers_and_grids(registry):
     data = {"kind": "bench", "base_models": ["b"], "domains": ["math"],
             "mergers": ["ties", {"name": "dare_ties", "grid": {"density": [0.1, 1.2], "lamda": [1]}}]}
     lines = problems_of(data, registry, "bench.yaml")
-    assert lines[0] == "bench.yaml: mergers[1].grid.density[1]: 1.2 is greater than the maximum of 1"
-    assert lines[1].startswith("bench.yaml: mergers[1].grid.lamda: merger 'dare_ties' has no parameter 'lamda'")
+    # The fake registry has no executor and no backend: both are named, then the grid's problems.
+    assert lines[0] == "bench.yaml: executor: unknown executor 'local': no executor is installed (see `mergeplug list`)"
+    assert lines[1] == ("bench.yaml: evaluation.backend: unknown backend 'transformers': no backend is installed "
+                        "(see `mergeplug list`)")
+    assert lines[2] == "bench.yaml: mergers[1].grid.density[1]: 1.2 is greater than the maximum of 1"
+    assert lines[3].startswith("bench.yaml: mergers[1].grid.lamda: merger 'dare_ties' has no parameter 'lamda'")
+    assert len(lines) == 4
 
 
 def test_wrong_kind_for_command(registry):

@@ -1,0 +1,1 @@
+"""Built-in plugins of this kind: one sub-package each, one entry point each (see pyproject.toml)."""
