@@ -412,10 +412,11 @@ def finetune_command(base, domains, output, recipe, finetuner, settings, max_ste
 
 # --- commands defined in their own modules (each imports only click until it runs) -------------------------
 from .bench_command import bench_command  # noqa: E402
+from .fuse_command import fuse_command  # noqa: E402
 from .report_command import report_command  # noqa: E402
 from .tune_command import tune_command  # noqa: E402
 
-for _command in (tune_command, bench_command, report_command):
+for _command in (tune_command, fuse_command, bench_command, report_command):
     cli.add_command(_command)
 
 

@@ -7,6 +7,11 @@ underneath, so the same command runs under ``accelerate launch`` or ``torchrun``
 the last checkpoint, and writes the output folder atomically. The plugin decides only what is trained and
 how the result is saved: ``full`` trains every weight; ``lora`` wraps the model with peft adapters and saves
 the adapter beside the merged full weights.
+
+A finetuner that trains towards more than the gold tokens (``fusion``: distillation towards per-token target
+distributions) declares the per-token fields its examples carry (:attr:`Finetuner.EXTRA_FIELDS`) and computes
+the loss itself (:meth:`Finetuner.compute_loss`); its examples come ready-made (:func:`finetune_examples`),
+and packing, padding, distribution and resumption are the same run's.
 """
 from __future__ import annotations
 
@@ -36,8 +41,27 @@ class Finetuner:
         "gradient_checkpointing", "bf16", "save_steps", "logging_steps", "seed",
     )
 
+    #: Per-token fields a training example carries besides input_ids and labels, with their padding value
+    #: (name -> int or float): none for supervised finetuning; a distillation target for ``fusion``. The row at
+    #: position j of a field belongs to the token at j, as its label does (the model's logits at j - 1 predict
+    #: it). Packing concatenates the fields and the collator pads them with that value (an int: int64 tensors;
+    #: a float: float32). A finetuner that declares any trains on ready-made examples (:func:`finetune_examples`),
+    #: never on a domain's rows, which cannot carry them.
+    EXTRA_FIELDS: ClassVar[dict[str, int | float]] = {}
+
     def __init__(self, **parameters: Any):
         self.parameters = parameters
+
+    def compute_loss(self, model: Any, inputs: dict, num_items_in_batch: Any = None) -> Any:
+        """The training loss of one collated batch, or None for the model's own (cross-entropy on the labels).
+
+        ``inputs`` holds ``input_ids``, ``labels``, ``position_ids`` and the :attr:`EXTRA_FIELDS` tensors: pop
+        the extra fields before calling ``model(**inputs)``. ``num_items_in_batch`` is the Trainer's count of
+        label tokens (labels past each row's first that are not IGNORE_INDEX) over the whole accumulated batch
+        and every process: when it is given, return this batch's sum divided by it (the run then adds the
+        micro-batches as they are, as transformers' own causal-LM loss does); when None, this batch's mean.
+        """
+        return None
 
     def prepare_model(self, model: Any) -> Any:
         """The model to train (called once the base is loaded): ``model`` itself, or a wrapper (peft)."""
@@ -115,6 +139,10 @@ def finetune(base: str, domains: str | Sequence[str], output: str | Path, *, fin
     if not (isinstance(cls, type) and issubclass(cls, Finetuner)):
         raise MergeplugError(f"{component.describe()}: registers {cls!r}, not a subclass of "
                              "mergeplug.finetuning.Finetuner")
+    if cls.EXTRA_FIELDS:
+        raise MergeplugError(f"finetuner {finetuner}: trains on per-token targets ({', '.join(cls.EXTRA_FIELDS)}) "
+                             "that a domain's rows do not carry; run it through the command that builds them "
+                             "(`mergeplug fuse` for fusion)")
     check_base_model(base, offline)
     check_output(out, force)
     check_device(device)
@@ -122,8 +150,80 @@ def finetune(base: str, domains: str | Sequence[str], output: str | Path, *, fin
     run = {"base": base, "domains": [d.name for d in resolved], "finetuner": finetuner, "limit": limit,
            "parameters": {k: v for k, v in params.items() if k not in RESUMABLE_CHANGES},
            "data": {s.label: s.origin for s in sets}}
-    return _train(run, cls(**params), params, sets, out, force=force, resume=resume, device=device,
+
+    def build(tokenizer: Any, max_seq_length: int) -> list[dict]:
+        return tokenize_examples(mixture(sets, params["seed"]), tokenizer, max_seq_length)
+
+    return _train(run, cls(**params), params, build, out, force=force, resume=resume, device=device,
                   progress=progress, callbacks=callbacks, local_files_only=bool(offline))
+
+
+def finetune_examples(base: str, examples: Sequence[dict], output: str | Path, *, finetuner: str = "full",
+                      parameters: dict | None = None, origin: Any = None, force: bool = False, resume: bool = True,
+                      device: str = "auto", progress: bool = True, offline: bool | None = None,
+                      callbacks: Sequence[Any] = ()) -> Path:
+    """Finetune ``base`` on ready-made examples into ``output``: the same run as :func:`finetune` (checks,
+    packing, Trainer, resumption, atomic output), with the training set given instead of built from domains.
+
+    Each example is ``{input_ids, labels}`` tokenised with the base's tokenizer (labels IGNORE_INDEX where no
+    loss is taken), plus every field the finetuner declares in :attr:`Finetuner.EXTRA_FIELDS`, each with one
+    row per token (lists or numpy arrays). Examples longer than ``max_seq_length`` are cut, their fields
+    with them. ``origin`` (JSON-able) says what the examples are, e.g. the content hash of the store they
+    were built from: it is recorded with the run, so a rerun on other examples does not resume this one.
+    """
+    from .recipe import parameter_problems
+    from .schema import with_defaults
+
+    out = Path(output).expanduser().absolute()
+    component = _registry().get("finetuner", finetuner)
+    schema = parameter_schema(component)
+    given = dict(parameters or {})
+    lines = parameter_problems(given, schema, source=f"finetuner {finetuner}", where=["parameters"])
+    if lines:
+        raise MergeplugError(*lines)
+    params = with_defaults(given, schema)
+    cls = component.load()
+    if not (isinstance(cls, type) and issubclass(cls, Finetuner)):
+        raise MergeplugError(f"{component.describe()}: registers {cls!r}, not a subclass of "
+                             "mergeplug.finetuning.Finetuner")
+    check_examples(examples, cls.EXTRA_FIELDS, finetuner)
+    check_base_model(base, offline)
+    check_output(out, force)
+    check_device(device)
+    run = {"base": base, "examples": len(examples), "finetuner": finetuner, "data": origin,
+           "parameters": {k: v for k, v in params.items() if k not in RESUMABLE_CHANGES}}
+
+    def build(tokenizer: Any, max_seq_length: int) -> list[dict]:
+        return cut_examples(examples, max_seq_length)
+
+    return _train(run, cls(**params), params, build, out, force=force, resume=resume, device=device,
+                  progress=progress, callbacks=callbacks, local_files_only=bool(offline))
+
+
+def check_examples(examples: Sequence[dict], extra_fields: dict, finetuner: str) -> None:
+    """Every example has input_ids, labels of the same length, and each extra field with one row per token."""
+    if not examples:
+        raise MergeplugError(f"finetuner {finetuner}: no training examples")
+    for i, example in enumerate(examples):
+        size = len(example.get("input_ids", ()))
+        for name in ("labels", *extra_fields):
+            if name not in example:
+                raise MergeplugError(f"training example {i}: has no {name!r} (finetuner {finetuner} needs "
+                                     f"input_ids, labels{''.join(', ' + f for f in extra_fields)})")
+            if len(example[name]) != size:
+                raise MergeplugError(f"training example {i}: {name!r} has {len(example[name])} rows for {size} "
+                                     "input_ids; give one row per token")
+
+
+def cut_examples(examples: Sequence[dict], max_seq_length: int) -> list[dict]:
+    """Examples cut to ``max_seq_length`` tokens, every per-token field with them; one left without a label
+    token is dropped."""
+    kept = []
+    for example in examples:
+        cut = {key: value[:max_seq_length] for key, value in example.items()}
+        if any(label != IGNORE_INDEX for label in cut["labels"]):
+            kept.append(cut)
+    return kept
 
 
 def _registry():
@@ -303,28 +403,48 @@ def pack_examples(examples: Sequence[dict], max_seq_length: int) -> list[dict]:
     restart at 0 for each: with no attention mask, transformers then builds a block-diagonal causal mask from
     the restarts (masking_utils.find_packed_sequence_indices, sdpa and eager attention; flash-attention reads
     them as variable-length sequences), so no token attends to another example, as axolotl's sample packing
-    in MergeBench. The detection needs the KV cache off, as it is in training (the Trainer's use_cache)."""
+    in MergeBench. The detection needs the KV cache off, as it is in training (the Trainer's use_cache).
+    Any other per-token field of the examples (a finetuner's EXTRA_FIELDS) is concatenated the same way."""
     packed: list[dict] = []
-    current = {"input_ids": [], "labels": [], "position_ids": []}
+    current: dict[str, list] = {}
+    filled = 0
     for example in examples:
         size = len(example["input_ids"])
-        if current["input_ids"] and len(current["input_ids"]) + size > max_seq_length:
-            packed.append(current)
-            current = {"input_ids": [], "labels": [], "position_ids": []}
-        current["input_ids"] += example["input_ids"]
-        current["labels"] += example["labels"]
-        current["position_ids"] += list(range(size))
-    if current["input_ids"]:
-        packed.append(current)
+        if current and filled + size > max_seq_length:
+            packed.append(_joined(current))
+            current, filled = {}, 0
+        filled += size
+        for key, value in example.items():
+            if key != "position_ids":
+                current.setdefault(key, []).append(value)
+        current.setdefault("position_ids", []).append(list(range(size)))
+    if current:
+        packed.append(_joined(current))
     return packed
+
+
+def _joined(parts: dict[str, list]) -> dict:
+    """Each field's pieces joined: lists into one list, numpy arrays into one array (along the tokens)."""
+    joined = {}
+    for key, pieces in parts.items():
+        if any(not isinstance(piece, list) for piece in pieces):
+            import numpy as np
+
+            joined[key] = np.concatenate([np.asarray(piece) for piece in pieces])
+        else:
+            joined[key] = [item for piece in pieces for item in piece]
+    return joined
 
 
 class Collator:
     """Pads a batch on the right to its longest sequence: pad tokens, IGNORE_INDEX labels, and positions that
-    restart at 0, so the padding is a separate segment no real token attends to (no attention mask needed)."""
+    restart at 0, so the padding is a separate segment no real token attends to (no attention mask needed).
+    ``extra_fields`` (name -> padding value, a finetuner's EXTRA_FIELDS) are padded along the tokens with
+    their value: an int pads an int64 tensor, a float a float32 one."""
 
-    def __init__(self, pad_token_id: int):
+    def __init__(self, pad_token_id: int, extra_fields: dict[str, int | float] | None = None):
         self.pad_token_id = pad_token_id
+        self.extra_fields = dict(extra_fields or {})
 
     def __call__(self, batch: Sequence[dict]) -> dict:
         import torch
@@ -333,11 +453,29 @@ class Collator:
         out = {"input_ids": [], "labels": [], "position_ids": []}
         for item in batch:
             pad = width - len(item["input_ids"])
-            positions = item.get("position_ids") or list(range(len(item["input_ids"])))
+            positions = item.get("position_ids")
+            positions = list(range(len(item["input_ids"]))) if positions is None else list(positions)
             out["input_ids"].append(list(item["input_ids"]) + [self.pad_token_id] * pad)
             out["labels"].append(list(item["labels"]) + [IGNORE_INDEX] * pad)
-            out["position_ids"].append(list(positions) + list(range(pad)))
-        return {key: torch.tensor(value, dtype=torch.long) for key, value in out.items()}
+            out["position_ids"].append(positions + list(range(pad)))
+        collated = {key: torch.tensor(value, dtype=torch.long) for key, value in out.items()}
+        for name, value in self.extra_fields.items():
+            collated[name] = self._padded([item[name] for item in batch], width, value)
+        return collated
+
+    @staticmethod
+    def _padded(rows: Sequence[Any], width: int, value: int | float) -> Any:
+        import numpy as np
+        import torch
+
+        dtype = np.int64 if isinstance(value, int) and not isinstance(value, bool) else np.float32
+        arrays = [np.asarray(row, dtype=dtype) for row in rows]
+        shape = next((a.shape[1:] for a in arrays if a.shape[0]), arrays[0].shape[1:])
+        out = np.full((len(arrays), width, *shape), value, dtype=dtype)
+        for i, array in enumerate(arrays):
+            if array.shape[0]:
+                out[i, :array.shape[0]] = array
+        return torch.from_numpy(out)
 
 
 # --- logging -----------------------------------------------------------------------------------------------
@@ -438,11 +576,39 @@ def _prepare_staging(staging: Path, run: dict, resume: bool, main: bool) -> None
     os.replace(partial, recorded)
 
 
-def _train(run: dict, finetuner: Finetuner, params: dict, sets: list[TrainingSet], out: Path, *, force: bool,
+def _trainer_class():
+    """transformers' Trainer, asking the finetuner for the loss (:meth:`Finetuner.compute_loss`) first."""
+    from transformers import Trainer
+
+    class FinetunerTrainer(Trainer):
+        def __init__(self, *args: Any, finetuner: Finetuner, **kwargs: Any):
+            super().__init__(*args, **kwargs)
+            self.finetuner = finetuner
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = self.finetuner.compute_loss(model, dict(inputs), num_items_in_batch=num_items_in_batch)
+            if loss is None:
+                self.loss_is_scaled_for_ga = None  # the Trainer's own rule for its own loss
+                plain = {k: v for k, v in inputs.items() if k not in self.finetuner.EXTRA_FIELDS}
+                return super().compute_loss(model, plain, return_outputs, num_items_in_batch)
+            # A loss divided by the whole accumulated batch's count is summed over micro-batches as it is; a
+            # per-batch mean is divided by the accumulation steps (the Trainer's training_step reads this flag).
+            self.loss_is_scaled_for_ga = num_items_in_batch is not None
+            if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+                # The count is over every process and DDP averages the gradients: undo that average.
+                loss = loss * self.accelerator.num_processes
+            return (loss, None) if return_outputs else loss
+
+    return FinetunerTrainer
+
+
+def _train(run: dict, finetuner: Finetuner, params: dict, build_examples: Any, out: Path, *, force: bool,
            resume: bool, device: str, progress: bool, callbacks: Sequence[Any],
            local_files_only: bool = False) -> Path:
+    """Train ``finetuner`` on ``build_examples(tokenizer, max_seq_length)`` (the examples, tokenised with the
+    base's tokenizer and cut to ``max_seq_length``) and write the model into ``out``."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PrinterCallback, Trainer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PrinterCallback
 
     staging = staging_folder(out)
     args = _training_arguments(params, staging, device, progress)  # sets up torch.distributed under torchrun
@@ -461,7 +627,7 @@ def _train(run: dict, finetuner: Finetuner, params: dict, sets: list[TrainingSet
     context = getattr(config, "max_position_embeddings", None)
     if isinstance(context, int) and context < max_seq_length:
         max_seq_length = context
-    examples = tokenize_examples(mixture(sets, params["seed"]), tokenizer, max_seq_length)
+    examples = build_examples(tokenizer, max_seq_length)
     if not examples:
         raise MergeplugError(f"no training example keeps a response token within max_seq_length {max_seq_length}; "
                              "raise max_seq_length")
@@ -477,8 +643,9 @@ def _train(run: dict, finetuner: Finetuner, params: dict, sets: list[TrainingSet
         # finetuner that freezes the embeddings (or peft) would otherwise switch off.
         model.enable_input_require_grads()
     log_path = staging / LOG_FILE
-    trainer = Trainer(model=model, args=args, train_dataset=sequences, data_collator=Collator(pad_id),
-                      processing_class=tokenizer, callbacks=[_log_callback(log_path), *callbacks])
+    trainer = _trainer_class()(model=model, args=args, train_dataset=sequences, finetuner=finetuner,
+                               data_collator=Collator(pad_id, finetuner.EXTRA_FIELDS), processing_class=tokenizer,
+                               callbacks=[_log_callback(log_path), *callbacks])
     if not progress:
         trainer.remove_callback(PrinterCallback)  # it prints every log line to stdout
     checkpoint = last_checkpoint(staging / "checkpoints") if resume else None

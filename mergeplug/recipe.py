@@ -216,6 +216,25 @@ def _use(recipe: Recipe, registry: Registry, kind: str, where: list, out: list[s
         recipe.data[where[0]] = {"name": name, "parameters": with_defaults(params, component.parameters)}
 
 
+def _finetuner_use(recipe: Recipe, registry: Registry, out: list[str]) -> None:
+    """Check the ``finetuner`` componentUse of a bench or fuse recipe: as in a finetune recipe, the core's
+    training parameters (learning rate, epochs...) are valid for every finetuner; the plugin's own defaults are
+    filled here, the training defaults when a run starts."""
+    use = recipe.data["finetuner"]
+    use = {"name": use, "parameters": {}} if isinstance(use, str) else {"parameters": {}, **use}
+    finetuner = _resolve(recipe, registry, "finetuner", use["name"], ["finetuner"], out)
+    if finetuner is None:
+        return
+    from .finetuning import parameter_schema
+
+    lines = parameter_problems(use["parameters"], parameter_schema(finetuner), source=recipe.source,
+                               where=["finetuner", "parameters"])
+    out += lines
+    if not lines:
+        recipe.data["finetuner"] = {"name": use["name"],
+                                    "parameters": with_defaults(use["parameters"], finetuner.parameters)}
+
+
 def _domains(recipe: Recipe, registry: Registry, out: list[str]) -> None:
     value = recipe.data.get("domains")
     names = [value] if isinstance(value, str) else list(value or [])
@@ -263,9 +282,17 @@ def _evaluate_checks(recipe: Recipe, registry: Registry) -> list[str]:
 
 
 def _fuse_checks(recipe: Recipe, registry: Registry) -> list[str]:
+    """The aligner and merger with their parameters; the finetuner with the core's training parameters too (as
+    in a finetune recipe; the training defaults are filled when the run starts); the merger must merge task
+    vectors against a base (the pivot is the base of every target model)."""
     out: list[str] = []
-    for kind, field_name in (("aligner", "aligner"), ("finetuner", "finetuner"), ("merger", "merger")):
-        _use(recipe, registry, kind, [field_name], out)
+    _use(recipe, registry, "aligner", ["aligner"], out)
+    _use(recipe, registry, "merger", ["merger"], out)
+    merger = recipe.components.get("merger")
+    if merger is not None and not merger_needs_base(merger):
+        out.append(f"{recipe.source}: merger: {merger.name!r} does not merge against a base model; fuse merges the "
+                   "target models as updates of the pivot: use varm, sce or another task-vector merger")
+    _finetuner_use(recipe, registry, out)
     return out
 
 
@@ -274,20 +301,7 @@ def _bench_checks(recipe: Recipe, registry: Registry) -> list[str]:
     _domains(recipe, registry, out)
     for i, name in enumerate(recipe.data["base_abilities"]):
         _resolve(recipe, registry, "domain", name, ["base_abilities", i], out)
-    use = recipe.data["finetuner"]
-    use = {"name": use, "parameters": {}} if isinstance(use, str) else {"parameters": {}, **use}
-    finetuner = _resolve(recipe, registry, "finetuner", use["name"], ["finetuner"], out)
-    if finetuner is not None:
-        from .finetuning import parameter_schema
-
-        # As in a finetune recipe, the core's training parameters (learning rate, epochs...) are valid for
-        # every finetuner; the training defaults are filled when a run starts.
-        lines = parameter_problems(use["parameters"], parameter_schema(finetuner), source=recipe.source,
-                                   where=["finetuner", "parameters"])
-        out += lines
-        if not lines:
-            recipe.data["finetuner"] = {"name": use["name"],
-                                        "parameters": with_defaults(use["parameters"], finetuner.parameters)}
+    _finetuner_use(recipe, registry, out)
     _use(recipe, registry, "executor", ["executor"], out)
     _resolve(recipe, registry, "backend", recipe.data["evaluation"]["backend"], ["evaluation", "backend"], out)
     labels = [base_label(entry, i) for i, entry in enumerate(recipe.data["base_models"])]

@@ -1,9 +1,17 @@
 """Shared fixtures: an in-process registry built through the real plugin manager."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from mergeplug import plugins
+
+
+def pytest_configure(config):
+    # Tiny test models gain nothing from several threads, and where the CPU is shared OpenMP's spinning threads
+    # made steps of them 10-100x slower. Set before torch is first imported (no conftest imports it).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 class FakeDist:
