@@ -4,9 +4,9 @@ The package is what a third-party plugin looks like: its own pyproject.toml with
 ``mergeplug``, one module registering one component, its parameter schema or data file, and a test that
 passes as written. ``pip install -e DIR`` makes the component appear in ``mergeplug list``.
 
-Templates: merger, family, domain, evaluator (with its local `evaluate` metric module), judge and finetuner
-(a working one: frozen embeddings). A backend gets none (it is a whole model runner: the built-in transformers
-backend is the example to copy); aligner waits for its contract.
+Templates: merger, family, domain, evaluator (with its local `evaluate` metric module), judge, finetuner
+(a working one: frozen embeddings) and aligner (case-insensitive surface matching). A backend gets none (it is
+a whole model runner: the built-in transformers backend is the example to copy).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from pathlib import Path
 from . import __version__
 from .errors import MergeplugError
 
-SUPPORTED = ("merger", "family", "domain", "evaluator", "judge", "finetuner")
+SUPPORTED = ("merger", "family", "domain", "evaluator", "judge", "finetuner", "aligner")
 
 PYPROJECT = '''\
 [build-system]
@@ -71,6 +71,11 @@ Train with it (every `mergeplug show full` training parameter is accepted too, e
 
     mergeplug finetune --base ./my-base --domain math -o ./math-specialist --finetuner {name} \\
         --set freeze_embeddings=true
+''',
+    "aligner": '''
+Use it in a fuse recipe:
+
+    aligner: {{name: {name}, parameters: {{ignore_case: true}}}}
 ''',
     "judge": '''
 Use it through the safety evaluator, in a benchmark of a domain's domain.yaml:
@@ -708,6 +713,100 @@ def test_a_short_run_trains_everything_but_the_embeddings(base, tmp_path):
     assert summary["finetuner"] == "{name}" and summary["steps"] == 2
 '''
 
+ALIGNER_INIT = '''\
+\"\"\"{title}: a mergeplug token aligner plugin. Registration only: the mapping lives in aligner.py.\"\"\"
+from pathlib import Path
+
+from mergeplug import hookimpl
+
+HERE = Path(__file__).parent
+
+
+@hookimpl
+def register_aligners(register):
+    register(
+        "{name}",
+        "{module}.aligner:{cls}",
+        description="{description}",
+        reference="arXiv:2402.16107",  # the paper of your mapping
+        parameters=HERE / "parameters.json",
+        needs_corpus=False,  # True when fit() must be given corpus_pairs (texts)
+    )
+'''
+
+ALIGNER_MODULE = '''\
+\"\"\"{title}: each source token maps to the pivot token with the same text once case is ignored.
+
+A starting point: replace build_map with your own mapping. Special tokens (bos, eos, unk, pad...) are already
+mapped by role in ``special_token_map``; a mapping fills the ordinary tokens. Surfaces are the tokens' text
+with the tokenizers' markers undone (byte-level 'Ġ', SentencePiece '▁', '<0x0A>' byte fallback).
+\"\"\"
+from pathlib import Path
+
+from mergeplug.alignment import TokenAligner, Vocabulary, special_token_map
+
+
+class {cls}(TokenAligner):
+    name = "{name}"
+    parameters_file = Path(__file__).with_name("parameters.json")
+
+    def build_map(self, source: Vocabulary, pivot: Vocabulary, corpus_pairs=None):
+        fold = (lambda text: text.casefold()) if self.parameters["ignore_case"] else (lambda text: text)
+        token_map = special_token_map(source, pivot)
+        pivot_ids: dict[str, int] = {{}}
+        for i, surface in enumerate(pivot.surfaces):
+            if surface is not None and pivot.roles[i] == 0:
+                pivot_ids.setdefault(fold(surface), i)  # the lowest id wins a tie
+        for i, surface in enumerate(source.surfaces):
+            if token_map[i] < 0 and surface is not None:
+                token_map[i] = pivot_ids.get(fold(surface), -1)
+        return token_map
+'''
+
+ALIGNER_PARAMETERS = '''\
+{
+  "$schema": "https://json-schema.org/draft/2020-12/schema",
+  "type": "object",
+  "additionalProperties": false,
+  "properties": {
+    "ignore_case": {"type": "boolean", "default": true, "description": "Match surfaces case-insensitively (str.casefold)."}
+  }
+}
+'''
+
+ALIGNER_TEST = '''\
+\"\"\"Tests of the {name} aligner: registration, the token map on two tokenizers made here, distributions.\"\"\"
+import numpy as np
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from mergeplug.plugins import Registry
+
+
+def word_tokenizer(words):
+    vocab = {{"<unk>": 0, **{{w: i + 1 for i, w in enumerate(words)}}}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+
+
+def test_maps_tokens_by_case_folded_text_and_moves_distributions():
+    source = word_tokenizer(["Hello", "World", "zebra"])
+    pivot = word_tokenizer(["world", "hello"])
+    aligner = Registry().get("aligner", "{name}").load()().fit(source, pivot)
+    # source ids: <unk> 0, Hello 1, World 2, zebra 3; pivot ids: <unk> 0, world 1, hello 2
+    assert aligner.token_map.tolist() == [0, 2, 1, -1]
+    ids, logprobs = aligner.map_distribution(np.array([[1, 2, 3]]), np.log(np.array([[0.5, 0.3, 0.2]])))
+    kept = ids[0] >= 0
+    assert sorted(zip(ids[0][kept].tolist(), np.exp(logprobs[0][kept]).round(6).tolist())) == [(1, 0.375), (2, 0.625)]
+
+
+def test_case_sensitive_option():
+    source, pivot = word_tokenizer(["Hello"]), word_tokenizer(["hello"])
+    aligner = Registry().get("aligner", "{name}").load()({{"ignore_case": False}}).fit(source, pivot)
+    assert aligner.token_map.tolist() == [0, -1]
+'''
+
 FILES = {
     "merger": {"__init__.py": MERGER_INIT, "merger.py": MERGER_MODULE, "parameters.json": MERGER_PARAMETERS,
                "model_parameters.json": MERGER_MODEL_PARAMETERS, "tests": MERGER_TEST},
@@ -719,12 +818,12 @@ FILES = {
     "judge": {"__init__.py": JUDGE_INIT, "judge.py": JUDGE_MODULE, "parameters.json": JUDGE_PARAMETERS, "tests": JUDGE_TEST},
     "finetuner": {"__init__.py": FINETUNER_INIT, "finetuner.py": FINETUNER_MODULE, "parameters.json": FINETUNER_PARAMETERS,
                   "tests": FINETUNER_TEST},
+    "aligner": {"__init__.py": ALIGNER_INIT, "aligner.py": ALIGNER_MODULE, "parameters.json": ALIGNER_PARAMETERS,
+                "tests": ALIGNER_TEST},
 }
 CLASS_SUFFIX = {"merger": "Merger", "family": "Family", "domain": "", "evaluator": "Evaluator", "judge": "Judge",
-                "finetuner": "Finetuner"}
-LATER = {
-    "aligner": "`mergeplug fuse` (the fuse issue)",
-}
+                "finetuner": "Finetuner", "aligner": "Aligner"}
+LATER: dict[str, str] = {}
 #: Kinds that get no template, and where to start instead.
 NO_TEMPLATE = {
     "backend": "no template: a backend is a whole model runner; start from the built-in one, "

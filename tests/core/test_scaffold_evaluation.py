@@ -76,7 +76,6 @@ def test_judge_package_is_complete(tmp_path):
 @pytest.mark.parametrize("kind, message", [
     ("backend", "new-plugin backend: no template: a backend is a whole model runner; start from the built-in one, "
                 "plugins/backends/transformers"),
-    ("aligner", "new-plugin aligner: the aligner contract arrives with `mergeplug fuse`"),
 ])
 def test_kinds_without_a_template_are_refused_in_one_line(tmp_path, kind, message):
     result = CliRunner().invoke(cli, ["new-plugin", kind, "thing", "-o", str(tmp_path / "pkg")])
