@@ -119,6 +119,21 @@ def _read_hub_or_sample(entry: dict, limit: int | None, offline: bool | None,
     return [(entry["sample"], rows)], f"sample:{entry['sample']}"
 
 
+#: The shuffle seed MergeBench draws its validation samples with (arXiv:2505.10833, uiuctml/MergeBench): the
+#: statistics of data-aware mergers and the validation scores of `mergeplug tune` use the same rows.
+SHUFFLE_SEED = 42
+
+
+def shuffled_first(rows: list[dict], limit: int | None, seed: int = SHUFFLE_SEED) -> list[dict]:
+    """The first ``limit`` rows after shuffling with ``seed``, in the order ``datasets.Dataset.shuffle(seed)``
+    gives (numpy's ``default_rng(seed).permutation``), as MergeBench draws its samples (arXiv:2505.10833)."""
+    import numpy as np
+
+    order = np.random.default_rng(seed).permutation(len(rows))
+    picked = order if limit is None else order[:limit]
+    return [rows[int(i)] for i in picked]
+
+
 def env_flag(*names: str) -> bool:
     """Whether any of the environment variables ``names`` is set true (1, on, yes, true), as Hugging Face reads
     its ``HF_*_OFFLINE`` flags."""

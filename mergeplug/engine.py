@@ -44,7 +44,7 @@ data with local files) or ``models[i].data`` alone (local files with the Alpaca 
 ``response``). Data is never paired with models by list position (MergeBench's RegMean and Fisher code pair
 the i-th data set with the i-th model, which mismatches them when the lists differ in order; arXiv:2505.10833,
 uiuctml/MergeBench). Missing data is reported at planning, before any weight is read. The first ``samples``
-rows are rendered with the domain's prompt format (Alpaca for local files, MergeBench's finetuning format),
+rows of a seed-42 shuffle (MergeBench's draw, :func:`mergeplug.data.shuffled_first`) are rendered with the domain's prompt format (Alpaca for local files, MergeBench's finetuning format),
 tokenized with the model's own tokenizer (BOS, prompt, response, EOS; cut at ``max_length`` tokens) and passed
 one sample per batch to ``merger.compute_statistic`` on the model loaded in float32 on the merge device. The
 result is cached on disk (:mod:`mergeplug.statistics`, folder ``$MERGEPLUG_CACHE``), keyed by the statistic,
@@ -482,7 +482,7 @@ def compute_statistics(plan: MergePlan) -> list:
     from transformers import AutoTokenizer
 
     from .checkpoint import LoraAdapter
-    from .data import load_rows, render_training_example
+    from .data import load_rows, render_training_example, shuffled_first
     from .statistics import StatisticsCache, data_fingerprint, model_fingerprint
 
     merger = plan.merger
@@ -501,7 +501,9 @@ def compute_statistics(plan: MergePlan) -> list:
         if isinstance(checkpoint, LoraAdapter):
             raise MergeplugError(f"{source.where}: merger {plan.merger_name} computes statistics on full models; "
                                  f"merge the LoRA adapter into its base first (peft's merge_and_unload)")
-        rows = load_rows(source.entry, source=source.source, limit=samples, label=source.entry["name"]).rows
+        # Every row, then the first `samples` of a seed-42 shuffle, as MergeBench draws them: the sample spreads
+        # over the whole set rather than its head.
+        rows = shuffled_first(load_rows(source.entry, source=source.source, label=source.entry["name"]).rows, samples)
         if not rows:
             raise MergeplugError(f"{source.where}: its data for merger {plan.merger_name} has no rows")
         tokenizer = AutoTokenizer.from_pretrained(str(checkpoint.tokenizer_folder), trust_remote_code=trust)

@@ -47,8 +47,6 @@ from .schema import format_path
 #: Validation rows scored per domain (our choice: a few minutes per trial on a 3B model; MergeBench's
 #: statistics use 1,000 rows, arXiv:2505.10833).
 DEFAULT_LIMIT = 200
-#: The shuffle seed MergeBench uses to draw its validation samples (arXiv:2505.10833, uiuctml/MergeBench).
-SHUFFLE_SEED = 42
 TRIALS_FILE = "trials.jsonl"
 SUMMARY_FILE = "tune.json"
 SPECIALISTS_FILE = "specialists.json"
@@ -466,16 +464,6 @@ class BackendSettings:
                 "max_length": self.max_length, "trust_remote_code": self.trust_remote_code, "chat_template": False}
 
 
-def shuffled_first(rows: list[dict], limit: int | None, seed: int = SHUFFLE_SEED) -> list[dict]:
-    """The first ``limit`` rows after shuffling with ``seed``, in the order ``datasets.Dataset.shuffle(seed)``
-    gives (numpy's ``default_rng(seed).permutation``), as MergeBench draws its samples (arXiv:2505.10833)."""
-    import numpy as np
-
-    order = np.random.default_rng(seed).permutation(len(rows))
-    picked = order if limit is None else order[:limit]
-    return [rows[int(i)] for i in picked]
-
-
 class LikelihoodObjective(Objective):
     """exp(mean per-token log-likelihood of the responses) on each domain's validation rows (1/perplexity)."""
 
@@ -487,7 +475,7 @@ class LikelihoodObjective(Objective):
     @classmethod
     def from_recipe(cls, data: dict, merge_data: dict, backend: BackendSettings, *, limit: int,
                     registry=None) -> "LikelihoodObjective":
-        from .data import load_rows, render_training_example
+        from .data import load_rows, render_training_example, shuffled_first
         from .plugins import get_registry
 
         registry = registry or get_registry()

@@ -187,3 +187,35 @@ def test_full_engine_merge_equals_regmean_of_the_cached_grams(tiny, offline, tmp
         assert_close(merged.get(name), expected)
     norm = "model.layers.0.input_layernorm.weight"
     assert_close(merged.get(norm), (ckpts[0].get(norm) + ckpts[1].get(norm)) / 2)
+
+
+def test_statistics_use_the_first_rows_of_a_seed_42_shuffle(tiny, offline, tmp_path, monkeypatch):
+    """MergeBench draws its statistics samples with dataset.shuffle(seed=42): the pass sees those rows, in that
+    order, not the file's first ones."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from mergeplug.data import shuffled_first
+    from mergeplug.engine import compute_statistics, plan_merge
+    from mergeplug.recipe import check_recipe
+
+    rows = [{"instruction": f"question number {i}", "response": f"answer {i}"} for i in range(10)]
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    seen = []
+    original = RegMeanMerger.compute_statistic
+
+    def spy(self, model, batches, settings):
+        seen.extend(batches)
+        return original(self, model, batches, settings)
+
+    monkeypatch.setattr(RegMeanMerger, "compute_statistic", spy)
+    recipe = check_recipe({"method": "regmean", "parameters": {"samples": 3, "max_length": 400},
+                           "models": [{"model": str(tiny["ft1"]), "data": {"data_files": str(data)}}]}, source="r")
+    compute_statistics(plan_merge(recipe))
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny["ft1"]))
+    texts = [tokenizer.decode(b["input_ids"][0], skip_special_tokens=True) for b in seen]
+    expected = [r["instruction"] for r in shuffled_first(rows, 3)]
+    assert expected != [r["instruction"] for r in rows[:3]]  # the shuffle does move rows
+    assert len(texts) == 3 and all(e.replace(" ", "") in t.replace(" ", "") for e, t in zip(expected, texts))

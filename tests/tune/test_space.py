@@ -6,7 +6,8 @@ from click.testing import CliRunner
 
 from mergeplug import MergeplugError
 from mergeplug.cli import cli
-from mergeplug.tuning import Address, apply_parameters, parameters_key, resolve_address, shuffled_first
+from mergeplug.data import shuffled_first
+from mergeplug.tuning import Address, apply_parameters, parameters_key, resolve_address
 
 MERGE = {"method": "task_arithmetic", "base_model": "/m/base",
          "models": [{"model": "/m/math_ft", "domain": "math"}, {"model": "org/coder", "domain": "coding",
