@@ -196,7 +196,8 @@ def validate_command(recipe):
 
 # --- contributing ------------------------------------------------------------------------------------------
 @cli.command("new-plugin")
-@click.argument("kind", type=click.Choice(["merger", "domain", "evaluator", "judge", "backend", "family", "finetuner", "aligner"]))
+@click.argument("kind", type=click.Choice(["merger", "domain", "evaluator", "judge", "backend", "family", "finetuner", "aligner",
+                                                    "strategy", "executor"]))
 @click.argument("name")
 @click.option("-o", "--output", "output", type=click.Path(file_okay=False), default=None,
               help="Folder to create (default: ./mergeplug-NAME).")

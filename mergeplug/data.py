@@ -113,7 +113,7 @@ def _read_hub_or_sample(entry: dict, limit: int | None, offline: bool | None,
         )
     rows = read_jsonl(entry["sample"])
     key = f"{label}|{entry['sample']}"
-    if key not in _warned:
+    if key not in _warned and "dataset" in entry:  # a domain with no hub data set ships its data as the sample
         _warned.add(key)
         print(f"mergeplug: using the offline sample of {len(rows)} rows for {label} ({why})", file=sys.stderr)
     return [(entry["sample"], rows)], f"sample:{entry['sample']}"

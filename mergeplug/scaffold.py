@@ -823,21 +823,20 @@ FILES = {
 }
 CLASS_SUFFIX = {"merger": "Merger", "family": "Family", "domain": "", "evaluator": "Evaluator", "judge": "Judge",
                 "finetuner": "Finetuner", "aligner": "Aligner"}
-LATER: dict[str, str] = {}
 #: Kinds that get no template, and where to start instead.
 NO_TEMPLATE = {
     "backend": "no template: a backend is a whole model runner; start from the built-in one, "
                "plugins/backends/transformers (module mergeplug_plugins.backends.transformers), a "
                "mergeplug.runner.Backend subclass registered under register_backends",
+    "strategy": "no template: a tuning strategy is one small class; start from plugins/strategies/random "
+                "(a mergeplug.tuning.SearchStrategy subclass registered under register_strategies)",
+    "executor": "no template: start from plugins/executors/local (a mergeplug.bench.Executor subclass "
+                "registered under register_executors); CONTRIBUTING.md lists the contract",
 }
 
 
 def write_plugin(kind: str, name: str, output: str | Path | None = None) -> Path:
     """Write the package for a ``kind`` component called ``name``; returns its folder."""
-    if kind in LATER:
-        raise MergeplugError(
-            f"new-plugin {kind}: the {kind} contract arrives with {LATER[kind]}; supported now: {', '.join(SUPPORTED)}"
-        )
     if kind in NO_TEMPLATE:
         raise MergeplugError(f"new-plugin {kind}: {NO_TEMPLATE[kind]}")
     if kind not in FILES:

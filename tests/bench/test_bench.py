@@ -148,7 +148,6 @@ def test_a_failing_step_is_recorded_and_the_rest_completes(tiny_base, tmp_path):
 
 
 def test_worker_process_and_ray_executors_give_the_same_scores(tiny_base, tmp_path):
-    pytest.importorskip("ray")
     recipe = bench_recipe(tiny_base, domains=["math"], multitask_baseline=False, mergers=["linear"])
     in_process = bench(write_recipe(tmp_path / "a.yaml", recipe), tmp_path / "a", progress=False, report=False)
     workers = bench(tmp_path / "a.yaml", tmp_path / "b", executor="local", executor_parameters={"workers": 1},

@@ -108,6 +108,6 @@ def test_new_plugin_refuses_bad_name_and_non_empty_folder(runner, tmp_path):
     (tmp_path / "full" / "f").write_text("x")
     result = runner.invoke(cli, ["new-plugin", "merger", "ok", "-o", str(tmp_path / "full")])
     assert result.exit_code == 2 and "already exists and is not empty" in result.output
-    result = runner.invoke(cli, ["new-plugin", "aligner", "ok", "-o", str(tmp_path / "f")])
-    assert result.exit_code == 2 and "arrives with `mergeplug fuse`" in result.output
+    result = runner.invoke(cli, ["new-plugin", "executor", "ok", "-o", str(tmp_path / "f")])
+    assert result.exit_code == 2 and "plugins/executors/local" in result.output
     assert not (tmp_path / "f").exists()

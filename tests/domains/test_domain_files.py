@@ -82,7 +82,7 @@ def test_schema_problems_are_one_line_each_with_the_json_path(tmp_path):
     assert len(lines) == 3
     assert lines[0].startswith(f"{path}: benchmarks[0]: unknown field 'few_shots' (did you mean 'few_shot'?)")
     assert lines[1].startswith(f"{path}: benchmarks[0].columns.answer: ")
-    assert lines[2] == f"{path}: role: 'expert' is not one of ['capability', 'base_ability']"
+    assert lines[2] == f"{path}: role: 'expert' is not one of ['capability', 'base_ability', 'synthetic']"
 
 
 def test_duplicate_benchmarks_training_fields_templates_and_files_are_checked(tmp_path):
@@ -110,7 +110,8 @@ def test_all_is_the_five_capability_domains_and_names_are_checked(use_registry):
     with pytest.raises(UnknownComponentError) as info:
         resolve_domains("maths,coding")
     assert str(info.value).startswith("unknown domain 'maths'; known: math, ")
-    assert set(str(info.value).split("known: ")[1].split(", ")) == {*CAPABILITIES, "general"}
+    tiny = {"tiny_arithmetic", "tiny_formats", "tiny_functions", "tiny_refusal", "tiny_translation"}
+    assert set(str(info.value).split("known: ")[1].split(", ")) == {*CAPABILITIES, "general", *tiny}
     with pytest.raises(MergeplugError, match=r"^no domain given"):
         resolve_domains(" , ")
 

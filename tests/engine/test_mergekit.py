@@ -40,7 +40,6 @@ def test_the_dialect_is_registered():
     assert (DIALECTS[0][0]({"merge_method": "ties"}), DIALECTS[0][0]({"method": "ties"})) == (True, False)
 
 
-@pytest.mark.skipif("ties" not in Registry().names("merger"), reason="the ties plugin is not written yet")
 def test_a_mergekit_ties_config_converts_and_merges_like_the_native_recipe(zoo, write_recipe, tmp_path):
     text = TIES.format(base=zoo["base"], ft1=zoo["ft1"], ft2=zoo["ft2"])
     path = tmp_path / "mergekit.yaml"
