@@ -218,13 +218,17 @@ def new_plugin_command(kind, name, output):
               help="Where to compute: cpu, cuda, cuda:N, mps, or auto (cuda when available).")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16", "fp32", "fp16", "bf16"]), default=None,
               help="Output dtype (overrides the recipe's dtype; default: the base model's).")
-def merge_command(recipe, output, force, device, dtype):
+@click.option("--statistics-batch-tokens", type=click.IntRange(min=1), default=None,
+              help="Padded tokens per forward pass when the merger runs the models on data (Fisher, RegMean, "
+                   "trained Localize-and-Stitch): speed and memory only, not the result. [default: 4096]")
+def merge_command(recipe, output, force, device, dtype, statistics_batch_tokens):
     """Merge the models of RECIPE (mergeplug or mergekit YAML) into OUTPUT, streaming tensor by tensor."""
     from .engine import merge
     from .recipe import load_recipe
 
     checked = load_recipe(recipe, kind="merge")
-    out = merge(checked, output, force=force, device=device, dtype=dtype)
+    out = merge(checked, output, force=force, device=device, dtype=dtype,
+                statistics_batch_tokens=statistics_batch_tokens)
     click.echo(f"wrote {out}")
 
 

@@ -46,7 +46,8 @@ the i-th data set with the i-th model, which mismatches them when the lists diff
 uiuctml/MergeBench). Missing data is reported at planning, before any weight is read. The first ``samples``
 rows of a seed-42 shuffle (MergeBench's draw, :func:`mergeplug.data.shuffled_first`) are rendered with the domain's prompt format (Alpaca for local files, MergeBench's finetuning format),
 tokenized with the model's own tokenizer (BOS, prompt, response, EOS; cut at ``max_length`` tokens) and passed
-one sample per batch to ``merger.compute_statistic`` on the model loaded in float32 on the merge device. The
+to ``merger.compute_statistic`` in right-padded batches of similar lengths (:func:`statistic_batches`, up to
+``statistics_batch_tokens`` padded tokens each) on the model loaded in float32 on the merge device. The
 result is cached on disk (:mod:`mergeplug.statistics`, folder ``$MERGEPLUG_CACHE``), keyed by the statistic,
 the model's files, the token ids and the merger's ``statistic_parameters``: a second merge with the same
 model, data and settings runs no forward pass, and a damaged entry is recomputed. While merging, each model's
@@ -127,6 +128,11 @@ class StatisticSource:
 LOCAL_STATISTIC_COLUMNS = {"instruction": "instruction", "response": "response"}
 
 
+#: Padded tokens per statistics batch (our choice): a few rows of MergeBench's lengths per forward pass, enough
+#: to fill a CPU's or a small GPU's matrix units without holding many activations; ``--statistics-batch-tokens``.
+STATISTICS_BATCH_TOKENS = 4096
+
+
 @dataclass
 class MergePlan:
     """Everything :func:`run_merge` needs: the merger, the opened inputs and one plan per output tensor."""
@@ -149,6 +155,7 @@ class MergePlan:
     max_shard_bytes: int
     statistic_sources: list[StatisticSource] = field(default_factory=list)  # per model, when the merger has a statistic
     statistics: list[Any] = field(default_factory=list)  # per model: its StoredStatistic, once computed
+    statistics_batch_tokens: int = STATISTICS_BATCH_TOKENS  # padded tokens per forward pass of the statistics pass
 
     @property
     def inputs(self) -> list[MergeInput]:
@@ -157,8 +164,10 @@ class MergePlan:
 
 # --- entry points ------------------------------------------------------------------------------------------
 def merge(recipe, out: str | Path, *, force: bool = False, device: str | None = "cpu", dtype: str | None = None,
-          progress: bool | None = None, registry=None) -> Path:
-    """Run a merge recipe (a path, or a checked :class:`~mergeplug.recipe.Recipe`) into folder ``out``."""
+          progress: bool | None = None, registry=None, statistics_batch_tokens: int | None = None) -> Path:
+    """Run a merge recipe (a path, or a checked :class:`~mergeplug.recipe.Recipe`) into folder ``out``.
+    ``statistics_batch_tokens``: padded tokens per forward pass when a merger computes statistics
+    (default :data:`STATISTICS_BATCH_TOKENS`); it changes speed and memory, not the statistic."""
     from .recipe import Recipe, load_recipe
 
     if not isinstance(recipe, Recipe):
@@ -168,6 +177,10 @@ def merge(recipe, out: str | Path, *, force: bool = False, device: str | None = 
     out = Path(out)
     check_output(out, force)
     plan = plan_merge(recipe, device=device, dtype=dtype, registry=registry)
+    if statistics_batch_tokens is not None:
+        if statistics_batch_tokens < 1:
+            raise MergeplugError(f"statistics_batch_tokens: {statistics_batch_tokens}; give a positive number of tokens")
+        plan.statistics_batch_tokens = statistics_batch_tokens
     return run_merge(plan, out, force=force, progress=progress)
 
 
@@ -543,6 +556,36 @@ def _tokenize_example(tokenizer, prompt: str, response: str, max_length: int | N
     return {"input_ids": ids, "prompt_tokens": min(len(prompt_ids), len(ids))}
 
 
+def statistic_batches(examples: list[dict], device: str, batch_tokens: int = STATISTICS_BATCH_TOKENS,
+                      pad_id: int = 0) -> list[dict]:
+    """The statistics pass's batches: examples sorted longest first (so rows of a batch have similar lengths and
+    little padding) and grouped while rows × the longest length stays within ``batch_tokens`` (one row at
+    least). Each batch holds ``input_ids``, ``labels`` (-100 on the prompt and on padding) and
+    ``attention_mask`` (0 on padding), shape [rows, length], padded on the right."""
+    import torch
+
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and (len(groups[-1]) + 1) * len(examples[groups[-1][0]]["input_ids"]) <= batch_tokens:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    batches = []
+    for group in groups:
+        width = len(examples[group[0]]["input_ids"])
+        ids = torch.full((len(group), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(group), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(group), width), dtype=torch.long)
+        for row, i in enumerate(group):
+            tokens = examples[i]["input_ids"]
+            ids[row, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+            labels[row, examples[i]["prompt_tokens"]:len(tokens)] = ids[row, examples[i]["prompt_tokens"]:len(tokens)]
+            mask[row, :len(tokens)] = 1
+        batches.append({"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)})
+    return batches
+
+
 def _run_statistic(plan: MergePlan, folder: Path, examples: list[dict], settings: dict, where: str, trust: bool):
     import gc
 
@@ -551,12 +594,7 @@ def _run_statistic(plan: MergePlan, folder: Path, examples: list[dict], settings
 
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, trust_remote_code=trust)
     model.to(plan.device).eval()
-    batches = []
-    for example in examples:
-        ids = torch.tensor([example["input_ids"]], dtype=torch.long, device=plan.device)
-        labels = ids.clone()
-        labels[:, :example["prompt_tokens"]] = -100
-        batches.append({"input_ids": ids, "labels": labels})
+    batches = statistic_batches(examples, plan.device, plan.statistics_batch_tokens)
     extra = {}
     if getattr(plan.merger, "statistic_needs_base", False):
         extra["base"] = BaseWeights(plan.base, [name for name, _ in model.named_parameters()], plan.device)

@@ -107,8 +107,11 @@ class Merger:
 
         ``model``: a transformers causal LM in float32 on the merge device, in eval mode, gradients enabled
         (the engine discards it afterwards, so the merger may change its weights);
-        ``batches``: one per sample, ``input_ids`` and ``labels`` of shape [1, length] (labels -100 on the prompt
-        tokens, the token ids on the response's, the alpaca-rendered text cut at ``max_length``);
+        ``batches``: ``input_ids``, ``labels`` and ``attention_mask`` of shape [rows, length], right-padded
+        (labels -100 on the prompt tokens and on padding, the token ids on the response's; attention_mask 0 on
+        padding; each row the domain-rendered text cut at ``max_length``). Pass ``attention_mask`` to the model
+        and leave padded positions out of what is accumulated; a statistic that needs one sample per backward
+        pass (a per-sample gradient) iterates :func:`samples_of` instead;
         ``settings``: the ``statistic_parameters`` values;
         ``base``: passed only when ``statistic_needs_base`` is set (the keyword is absent otherwise, so
         overrides without it keep working): the base model's weights, parameter name (as in
@@ -121,6 +124,18 @@ class Merger:
     def merge(self, inputs: TensorInputs) -> torch.Tensor:
         """The merged tensor, same shape as the inputs, in their dtype."""
         raise NotImplementedError
+
+
+def samples_of(batches: Iterable[dict[str, torch.Tensor]]) -> Iterable[dict[str, torch.Tensor]]:
+    """The statistics pass's batches one sample at a time, padding removed: ``input_ids`` and ``labels`` of
+    shape [1, length] (for statistics that need one backward pass per sample, as a diagonal Fisher does:
+    squaring a batch's summed gradient would not give it)."""
+    for batch in batches:
+        mask = batch.get("attention_mask")
+        for row in range(batch["input_ids"].shape[0]):
+            length = int(mask[row].sum()) if mask is not None else batch["input_ids"].shape[1]
+            yield {"input_ids": batch["input_ids"][row:row + 1, :length],
+                   "labels": batch["labels"][row:row + 1, :length]}
 
 
 # --- shared primitives -------------------------------------------------------------------------------------

@@ -110,6 +110,21 @@ def test_statistic_of_a_tiny_model_equals_the_hand_computation(tiny, label):
     assert any(float(t.abs().sum()) > 0 for t in got.values())
 
 
+def test_padded_batches_give_the_per_sample_fisher(tiny):
+    from transformers import AutoModelForCausalLM
+
+    from mergeplug.engine import statistic_batches
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny["ft1"]), dtype=torch.float32).eval()
+    samples = [([2, 10, 11, 12, 13, 3], 3), ([2, 20, 21, 22, 3], 2), ([2, 30, 3], 1)]
+    padded = statistic_batches([{"input_ids": ids, "prompt_tokens": p} for ids, p in samples], "cpu", batch_tokens=64)
+    assert len(padded) == 1 and padded[0]["input_ids"].shape == (3, 6)
+    got = FisherMerger(PARAMS).compute_statistic(model, padded, {"label": "response"})
+    expected = hand_fisher(model, samples, "response")
+    for name in expected:
+        assert_close(got[name], expected[name], rtol=1e-4, atol=1e-12)
+
+
 def recipe(tmp_path, tiny, models):
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump({"kind": "merge", "method": "fisher",
@@ -125,7 +140,7 @@ def test_merge_with_domains_computes_once_then_reuses_the_cache(tiny, offline, t
     original = FisherMerger.compute_statistic
 
     def counted(self, model, batches, settings):
-        calls.append(len(batches))
+        calls.append(sum(b["input_ids"].shape[0] for b in batches))  # samples
         return original(self, model, batches, settings)
 
     monkeypatch.setattr(FisherMerger, "compute_statistic", counted)

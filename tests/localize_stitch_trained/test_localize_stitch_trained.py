@@ -33,7 +33,7 @@ class Bigram(torch.nn.Module):
         super().__init__()
         self.weight = torch.nn.Parameter(weight.clone())
 
-    def forward(self, input_ids):
+    def forward(self, input_ids, attention_mask=None):
         return SimpleNamespace(logits=self.weight.T[input_ids])
 
 
@@ -77,9 +77,26 @@ def test_gradient_wrt_the_mask_logits_is_the_chain_rule_through_the_interpolatio
     # The plugin's pieces: its loss summed over the samples, then one step with lr 1 and no L1 term.
     model = Bigram(theta)
     for b in batches:
-        response_loss(model, b).backward()
+        response_loss(model, b)[0].backward()
     stepped = logits_step(logits.clone(), tau, model.weight.grad, learning_rate=1.0, l1_strength=0.0)
     assert_close(logits - stepped, expected)
+
+
+def test_a_padded_batch_gives_the_sum_of_its_samples_gradients():
+    from mergeplug.engine import statistic_batches
+
+    theta = torch.randn(5, 5, generator=torch.Generator().manual_seed(1))
+    examples = [{"input_ids": [0, 1, 2, 3], "prompt_tokens": 2}, {"input_ids": [4, 1], "prompt_tokens": 1},
+                {"input_ids": [2, 3, 4], "prompt_tokens": 3}]  # the last one has no response token: skipped
+    one_by_one = Bigram(theta)
+    for e in examples[:2]:
+        response_loss(one_by_one, batch(e["input_ids"][:e["prompt_tokens"]], e["input_ids"][e["prompt_tokens"]:]))[0].backward()
+    (padded,) = statistic_batches(examples, "cpu", batch_tokens=100)
+    together = Bigram(theta)
+    loss, used = response_loss(together, padded)
+    loss.backward()
+    assert used == 2 and padded["input_ids"].shape == (3, 4)
+    assert_close(together.weight.grad, one_by_one.weight.grad)
 
 
 def test_the_l1_step_shrinks_the_mask_by_lambda_times_the_sigmoid_derivative():
@@ -227,7 +244,7 @@ def test_merge_trains_masks_once_reuses_the_cache_and_recomputes_for_a_changed_b
     def counted_compute(self, model, batches, settings, base=None):
         # The engine hands the base lazily, named like the model's parameters, float32.
         assert sorted(base) == sorted(name for name, _ in model.named_parameters())
-        calls.append(len(batches))
+        calls.append(sum(b["input_ids"].shape[0] for b in batches))  # samples
         return original_compute(self, model, batches, settings, base=base)
 
     def counted_forward(self, *args, **kwargs):
@@ -240,7 +257,8 @@ def test_merge_trains_masks_once_reuses_the_cache_and_recomputes_for_a_changed_b
     path, out = write_recipe(tmp_path, tiny["base"], models), tmp_path / "out"
     result = CliRunner().invoke(cli, ["merge", str(path), "-o", str(out)])
     assert result.exit_code == 0, result.output
-    assert calls == [2, 2] and len(forwards) == 2 * 2 * 2  # models × samples × epochs
+    # both samples of a model in one padded batch: one forward per epoch
+    assert calls == [2, 2] and len(forwards) == 2 * 2  # models × epochs
     assert len(entries(offline)) == 2
 
     # The merged model reloads; each tensor is the stitch of the cached masks; embeddings and lm_head are the base's.
@@ -269,7 +287,7 @@ def test_merge_trains_masks_once_reuses_the_cache_and_recomputes_for_a_changed_b
     # The same recipe again: nothing is trained, no forward pass runs.
     result = CliRunner().invoke(cli, ["merge", str(path), "-o", str(out), "--force"])
     assert result.exit_code == 0, result.output
-    assert calls == [2, 2] and len(forwards) == 8
+    assert calls == [2, 2] and len(forwards) == 4
 
     # Another base model changes every task vector: both masks are trained again, under new cache entries.
     path = write_recipe(tmp_path, tiny["base2"], models)

@@ -7,7 +7,7 @@ import yaml
 from torch.testing import assert_close
 
 from mergeplug import MergeplugError
-from mergeplug.merging import TensorInputs
+from mergeplug.merging import TensorInputs, samples_of
 from mergeplug.plugins import Registry
 from mergeplug.testing import make_tiny_model, train_tiny_tokenizer
 from mergeplug_plugins.mergers.regmean.merger import RegMeanMerger, gram_layers, regmean_solve
@@ -117,6 +117,38 @@ def test_gram_of_a_tiny_model_equals_xtx_over_tokens_from_a_manual_hook(tiny):
     assert got["model.layers.0.mlp.down_proj.weight"].shape == (model.config.intermediate_size,) * 2
 
 
+def test_statistic_batches_group_longest_first_and_pad_on_the_right():
+    from mergeplug.engine import statistic_batches
+
+    examples = [{"input_ids": [1, 2], "prompt_tokens": 1}, {"input_ids": [3, 4, 5, 6], "prompt_tokens": 2},
+                {"input_ids": [7, 8, 9], "prompt_tokens": 1}, {"input_ids": [10], "prompt_tokens": 1}]
+    batches = statistic_batches(examples, "cpu", batch_tokens=8, pad_id=0)
+    # longest first: [4 tokens, 3 tokens] fill 2 x 4 = 8; then [2, 1] padded to 2
+    assert [b["input_ids"].tolist() for b in batches] == [[[3, 4, 5, 6], [7, 8, 9, 0]], [[1, 2], [10, 0]]]
+    assert [b["labels"].tolist() for b in batches] == [[[-100, -100, 5, 6], [-100, 8, 9, -100]],
+                                                       [[-100, 2], [-100, -100]]]
+    assert [b["attention_mask"].tolist() for b in batches] == [[[1, 1, 1, 1], [1, 1, 1, 0]], [[1, 1], [1, 0]]]
+    # a row longer than the budget still gets a batch of its own
+    assert [b["input_ids"].shape[0] for b in statistic_batches(examples, "cpu", batch_tokens=2)] == [1, 1, 1, 1]
+    assert [s["input_ids"].tolist() for s in samples_of(batches)] == [[[3, 4, 5, 6]], [[7, 8, 9]], [[1, 2]], [[10]]]
+
+
+def test_padded_batches_give_the_same_grams_as_one_sample_at_a_time(tiny):
+    from transformers import AutoModelForCausalLM
+
+    from mergeplug.engine import statistic_batches
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny["ft1"]), dtype=torch.float32).eval()
+    examples = [{"input_ids": ids, "prompt_tokens": 1} for ids in ([2, 10, 11, 12, 13, 3], [2, 20, 21, 22, 3], [2, 5])]
+    merger = RegMeanMerger(PARAMS)
+    single = merger.compute_statistic(model, statistic_batches(examples, "cpu", batch_tokens=1), {})
+    padded = statistic_batches(examples, "cpu", batch_tokens=64)
+    assert len(padded) == 1 and int(padded[0]["attention_mask"].sum()) == 13 < padded[0]["input_ids"].numel()
+    together = merger.compute_statistic(model, padded, {})
+    for name in single:
+        assert_close(together[name], single[name], rtol=1e-5, atol=1e-6)
+
+
 def test_a_tied_output_layer_gets_no_gram(tiny, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -151,7 +183,7 @@ def test_engine_computes_the_grams_once_on_math_then_reads_the_cache(tiny, offli
     original = RegMeanMerger.compute_statistic
 
     def counted(self, model, batches, settings):
-        calls.append((len(batches), dict(settings)))
+        calls.append((sum(b["input_ids"].shape[0] for b in batches), dict(settings)))
         return original(self, model, batches, settings)
 
     monkeypatch.setattr(RegMeanMerger, "compute_statistic", counted)
@@ -215,7 +247,31 @@ def test_statistics_use_the_first_rows_of_a_seed_42_shuffle(tiny, offline, tmp_p
                            "models": [{"model": str(tiny["ft1"]), "data": {"data_files": str(data)}}]}, source="r")
     compute_statistics(plan_merge(recipe))
     tokenizer = AutoTokenizer.from_pretrained(str(tiny["ft1"]))
-    texts = [tokenizer.decode(b["input_ids"][0], skip_special_tokens=True) for b in seen]
-    expected = [r["instruction"] for r in shuffled_first(rows, 3)]
-    assert expected != [r["instruction"] for r in rows[:3]]  # the shuffle does move rows
-    assert len(texts) == 3 and all(e.replace(" ", "") in t.replace(" ", "") for e, t in zip(expected, texts))
+    texts = [tokenizer.decode(b["input_ids"][0], skip_special_tokens=True).replace(" ", "")
+             for b in samples_of(seen)]
+    expected = [r["instruction"].replace(" ", "") for r in shuffled_first(rows, 3)]
+    assert expected != [r["instruction"].replace(" ", "") for r in rows[:3]]  # the shuffle does move rows
+    # Batched longest first, so compare as sets: each drawn row's text is one of the samples passed.
+    assert len(texts) == 3 and all(any(e in t for t in texts) for e in expected)
+    assert all(sum(e in t for e in expected) == 1 for t in texts)
+
+
+def test_the_cli_batch_token_budget_reaches_the_statistics_pass(tiny, offline, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from mergeplug.cli import cli
+
+    shapes = []
+    original = RegMeanMerger.compute_statistic
+
+    def spy(self, model, batches, settings):
+        shapes.extend(tuple(b["input_ids"].shape) for b in batches)
+        return original(self, model, batches, settings)
+
+    monkeypatch.setattr(RegMeanMerger, "compute_statistic", spy)
+    path = write_recipe(tmp_path, tiny)
+    result = CliRunner().invoke(cli, ["merge", str(path), "-o", str(tmp_path / "out"), "--statistics-batch-tokens", "1"])
+    assert result.exit_code == 0, result.output
+    assert len(shapes) == 4 and all(rows == 1 for rows, _ in shapes)  # 2 models x 2 samples, one row per batch
+    result = CliRunner().invoke(cli, ["merge", str(path), "-o", str(tmp_path / "o2"), "--statistics-batch-tokens", "0"])
+    assert result.exit_code == 2 and "0 is not in the range x>=1" in result.output

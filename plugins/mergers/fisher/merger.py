@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from mergeplug import MergeplugError
-from mergeplug.merging import Merger, TensorInputs, model_label, weighted_sum
+from mergeplug.merging import Merger, TensorInputs, model_label, samples_of, weighted_sum
 
 
 class FisherMerger(Merger):
@@ -33,9 +33,9 @@ class FisherMerger(Merger):
         params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         squares = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params}
         used = 0
-        for batch in batches:
+        for sample in samples_of(batches):  # one backward pass per sample: per-sample gradients
             model.zero_grad(set_to_none=True)
-            log_likelihood = sample_log_likelihood(model, batch, label)
+            log_likelihood = sample_log_likelihood(model, sample, label)
             if log_likelihood is None:
                 continue
             log_likelihood.backward()

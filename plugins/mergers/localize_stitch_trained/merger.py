@@ -23,8 +23,9 @@ Localize, for each model i on the first ``samples`` rows of its own domain (the 
     descent step of the paper's L1 term, so λ > 0 switches off entries the loss does not need. MergeBench's
     version also steps an AdamW optimiser on the model while it collects the gradients (later batches see
     moved weights) and sums bfloat16 gradients over batches of two samples; we take exact float32 gradients
-    at the interpolated weights, one sample per backward pass, so its learning rate with ``sum`` gives about
-    twice its step on data of equal-length samples.
+    at the interpolated weights (a batch's backward pass of its samples' summed losses: the sum of the
+    per-sample gradients), so its learning rate with ``sum`` gives about twice its step on data of
+    equal-length samples.
 
 Stitch:  θ = θ_base + Σ_i m_i ⊙ τ_i / Σ_i m_i   where Σ_i m_i > 0, θ_base elsewhere
 
@@ -141,14 +142,20 @@ def logits_step(logits: torch.Tensor, task_vector_: torch.Tensor, weight_gradien
     return logits.sub_(update)
 
 
-def response_loss(model, batch: dict) -> torch.Tensor | None:
-    """Mean token cross-entropy of one sample's response tokens (labels != -100), or None when it has none."""
-    targets = batch["labels"][0, 1:]  # token t is predicted at position t - 1
+def response_loss(model, batch: dict) -> tuple[torch.Tensor, int] | None:
+    """Σ over the batch's samples of each one's mean token cross-entropy on its response tokens (labels !=
+    -100; padding is -100 too), samples with no response token left out, and how many samples count; None
+    when no sample has one. Its gradient is the sum of the per-sample gradients, so batching does not change
+    it."""
+    targets = batch["labels"][:, 1:]  # token t is predicted at position t - 1
     scored = targets != -100
-    if not bool(scored.any()):
+    counts = scored.sum(dim=1)
+    if not bool(counts.any()):
         return None
-    logits = model(input_ids=batch["input_ids"]).logits[0, :-1].float()
-    return torch.nn.functional.cross_entropy(logits[scored], targets[scored])
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask")).logits[:, :-1].float()
+    per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets.clamp_min(0), reduction="none")
+    per_sample = (per_token * scored).sum(dim=1) / counts.clamp_min(1)
+    return per_sample[counts > 0].sum(), int((counts > 0).sum())
 
 
 def train_masks(model, batches: list[dict], base: Mapping[str, torch.Tensor], settings: Mapping[str, Any],
@@ -182,10 +189,10 @@ def train_masks(model, batches: list[dict], base: Mapping[str, torch.Tensor], se
             model.zero_grad(set_to_none=True)
             used = 0
             for batch in batches:
-                loss = response_loss(model, batch)
-                if loss is not None:
-                    loss.backward()
-                    used += 1
+                scored = response_loss(model, batch)
+                if scored is not None:
+                    scored[0].backward()
+                    used += scored[1]
                 bar.update(1)
             if used == 0:
                 raise MergeplugError("localize_stitch_trained: no sample has a response token within max_length; "

@@ -5,7 +5,7 @@ layer's inputs at every token position of every sample of the model's own data, 
 positions (all of them, prompt and response: the layer sees them all; arXiv:2212.09849 normalises by the
 number of examples, a scale that cancels in the solve when every model has the same n, so per-token averaging
 keeps models with longer data from dominating). Forward hooks add xᵀx per layer as the batches pass, so no
-activation is stored. Keyed by the linear's weight name (``model.layers.0.self_attn.q_proj.weight``). An output
+activation is stored; padded positions of a batch are left out, so batching does not change G. Keyed by the linear's weight name (``model.layers.0.self_attn.q_proj.weight``). An output
 layer tied to the input embeddings is skipped: its weight is the embedding matrix, which is not a linear map of
 the data's hidden states alone, and it is merged by the mean like the embeddings (arXiv:2212.09849 merges only
 the linear layers of the encoder); an untied output layer gets a Gram like any linear.
@@ -40,10 +40,12 @@ class RegMeanMerger(Merger):
         grams = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float32, device=m.weight.device)
                  for name, m in linears.items()}
         tokens = 0
+        real = None  # the current batch's unpadded positions, flattened: padding never enters a Gram
 
         def hook_for(name):
             def accumulate(module, args, kwargs):
-                x = (args[0] if args else kwargs["input"]).detach().reshape(-1, module.in_features).float()
+                x = (args[0] if args else kwargs["input"]).detach().reshape(-1, module.in_features)
+                x = x[real].float() if real is not None else x.float()
                 grams[name].addmm_(x.T, x)
             return accumulate
 
@@ -51,8 +53,10 @@ class RegMeanMerger(Merger):
         try:
             with torch.no_grad():
                 for batch in batches:
-                    model(input_ids=batch["input_ids"])
-                    tokens += batch["input_ids"].numel()
+                    mask = batch.get("attention_mask")
+                    real = mask.reshape(-1).bool() if mask is not None else None
+                    model(input_ids=batch["input_ids"], attention_mask=mask)
+                    tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
         finally:
             for handle in handles:
                 handle.remove()
