@@ -451,7 +451,8 @@ def _inputs(plan: MergePlan, tensor: TensorPlan):
     inputs = plan.inputs
     offset = 1 if plan.base else 0
     rows = tensor.merge_rows
-    loaded = [_read_source(plan, inp, tensor, i, rows) for i, inp in enumerate(inputs)]
+    convert = not getattr(plan.merger, "stored_dtype_inputs", False)
+    loaded = [_read_source(plan, inp, tensor, i, rows, convert) for i, inp in enumerate(inputs)]
     return TensorInputs(
         name=tensor.name,
         base=loaded[0] if plan.base else None,
@@ -463,6 +464,7 @@ def _inputs(plan: MergePlan, tensor: TensorPlan):
         seed=plan.seed,
         model_names=[m.ref for m in plan.models],
         statistics=[_read_statistic(plan, i, tensor) for i in range(len(plan.models))] if plan.statistics else [],
+        compute_dtype=torch_dtype(plan.compute_dtype),
     )
 
 
@@ -657,7 +659,10 @@ def _checkpoint_fingerprint(checkpoint) -> dict:
     return fingerprint
 
 
-def _read_source(plan: MergePlan, inp: MergeInput, tensor: TensorPlan, index: int, rows: int | None):
+def _read_source(plan: MergePlan, inp: MergeInput, tensor: TensorPlan, index: int, rows: int | None,
+                 convert: bool = True):
+    """One input's tensor on the merge device, rows aligned to the reference's; in the compute dtype unless
+    ``convert`` is off (a merger with ``stored_dtype_inputs``)."""
     import torch
 
     data = inp.checkpoint.get(tensor.sources[index])
@@ -668,7 +673,8 @@ def _read_source(plan: MergePlan, inp: MergeInput, tensor: TensorPlan, index: in
             ref_index = plan.inputs.index(plan.reference)
             ref = plan.reference.checkpoint.get(tensor.sources[ref_index])
             data = torch.cat([data, ref[data.shape[0]:rows].to(data.dtype)])
-    return data.to(plan.device).to(torch_dtype(plan.compute_dtype))
+    data = data.to(plan.device)
+    return data.to(torch_dtype(plan.compute_dtype)) if convert else data
 
 
 def _output_tensor(plan: MergePlan, tensor: TensorPlan):

@@ -41,15 +41,19 @@ class TensorInputs:
     #: Per model: its statistic for this tensor (the merger's ``statistic``, e.g. a diagonal Fisher), in the
     #: compute dtype and device, or None where the model has none for it; empty when the merger needs none.
     statistics: list[torch.Tensor | None] = field(default_factory=list)
+    #: The dtype to compute in (the recipe's ``compute_dtype``); None: the inputs' own. The inputs already
+    #: arrive in it unless the merger sets ``stored_dtype_inputs``.
+    compute_dtype: torch.dtype | None = None
 
     def task_vectors(self) -> list[torch.Tensor]:
         """τ_i = θ_i − θ_base for every model (Ilharco et al., arXiv:2212.04089); see :func:`task_vector`."""
         return [task_vector(self, i) for i in range(len(self.models))]
 
     def weights(self, key: str = "weight", default: float = 1.0) -> torch.Tensor:
-        """The per-model scalar ``key`` as a 1-D tensor on the inputs' device and dtype."""
+        """The per-model scalar ``key`` as a 1-D tensor on the inputs' device, in the compute dtype."""
         ref = self.models[0]
-        return torch.tensor([float(p.get(key, default)) for p in self.model_parameters], dtype=ref.dtype, device=ref.device)
+        return torch.tensor([float(p.get(key, default)) for p in self.model_parameters],
+                            dtype=self.compute_dtype or ref.dtype, device=ref.device)
 
     def generator(self, model_index: int) -> torch.Generator:
         """A generator seeded from (seed, tensor name, model index): results do not depend on merge order."""
@@ -79,7 +83,11 @@ class Merger:
       ``statistic_needs_base``: the statistic also reads the base model's weights (trained Localize-and-Stitch
         masks train on task vectors): the engine then passes ``base=`` to :meth:`compute_statistic` and the
         base model's fingerprint joins the cache key, so a changed base recomputes the statistic. The recipe
-        must name a base_model.
+        must name a base_model;
+      ``stored_dtype_inputs``: the inputs arrive as the checkpoints store them (e.g. bfloat16), not converted
+        to the compute dtype, and the merger computes in ``TensorInputs.compute_dtype`` itself: a weighted sum
+        then adds each bfloat16 input straight into a float32 accumulator (the same numbers as converting
+        first, one pass over each input instead of two; see :func:`weighted_sum`).
     The recipe's global parameters, defaults filled in, are in ``self.parameters``.
     """
 
@@ -89,6 +97,7 @@ class Merger:
     statistic_parameters: ClassVar[tuple[str, ...]] = ("samples", "max_length")
     statistic_shape: ClassVar[str] = "weight"
     statistic_needs_base: ClassVar[bool] = False
+    stored_dtype_inputs: ClassVar[bool] = False
 
     def __init__(self, parameters: dict[str, Any] | None = None):
         self.parameters = dict(parameters or {})
@@ -159,10 +168,16 @@ def elementwise_in_chunks(fn: Callable[[list[torch.Tensor]], torch.Tensor], tens
         out[start:start + step] = fn([f[start:start + step] for f in flat])
     return out.view_as(tensors[0])
 
-def weighted_sum(tensors: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
-    """Σ_i w_i t_i without stacking (peak memory of two tensors, not N)."""
+def weighted_sum(tensors: list[torch.Tensor], weights: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Σ_i w_i t_i without stacking (peak memory of two tensors, not N), in ``dtype`` (default: the first
+    tensor's). Inputs of a narrower dtype are added into the accumulator as they are: the add converts each
+    element on the way, the same numbers as converting the input first, without a converted copy."""
     factors = weights.tolist()
-    out = torch.mul(tensors[0], factors[0])  # not zeros + add: one pass less over the output
+    first = tensors[0]
+    if dtype is None or first.dtype == dtype:
+        out = torch.mul(first, factors[0])  # not zeros + add: one pass less over the output
+    else:
+        out = first.to(dtype).mul_(factors[0])
     for t, w in zip(tensors[1:], factors[1:]):
         out.add_(t, alpha=w)
     return out
@@ -735,7 +750,7 @@ def summed_task_vectors(inputs: TensorInputs, prune: ChunkPruner | None = None, 
         # (as cheap as a linear merge), equal up to float32 rounding, far below a bf16 output's resolution.
         factors = [scale * w / (total_weight if normalize else 1.0) for w in weights.tolist()]
         coefficients = torch.tensor([1.0 - sum(factors), *factors], dtype=weights.dtype, device=weights.device)
-        return weighted_sum([inputs.base, *inputs.models], coefficients)
+        return weighted_sum([inputs.base, *inputs.models], coefficients, inputs.compute_dtype)
 
     def summed(tvs: list[torch.Tensor]) -> torch.Tensor:
         total = weighted_sum(tvs, weights)

@@ -11,10 +11,11 @@ from mergeplug.merging import Merger, TensorInputs, weighted_sum
 
 class LinearMerger(Merger):
     needs_base = False
+    stored_dtype_inputs = True  # one weighted sum: each input is added as stored, no converted copy
 
     def merge(self, inputs: TensorInputs) -> torch.Tensor:
         weights = inputs.weights("weight")
-        merged = weighted_sum(inputs.models, weights)
+        merged = weighted_sum(inputs.models, weights, inputs.compute_dtype)
         if inputs.parameters["normalize"]:
             total = float(weights.sum())
             if total == 0:

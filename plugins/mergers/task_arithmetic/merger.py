@@ -13,6 +13,7 @@ from mergeplug.merging import Merger, TensorInputs, summed_task_vectors
 
 class TaskArithmeticMerger(Merger):
     needs_base = True
+    stored_dtype_inputs = True  # one weighted sum of the inputs (summed_task_vectors): no converted copies
 
     def merge(self, inputs: TensorInputs) -> torch.Tensor:
         return summed_task_vectors(
