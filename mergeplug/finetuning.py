@@ -161,7 +161,7 @@ def finetune(base: str, domains: str | Sequence[str], output: str | Path, *, fin
 def finetune_examples(base: str, examples: Sequence[dict], output: str | Path, *, finetuner: str = "full",
                       parameters: dict | None = None, origin: Any = None, force: bool = False, resume: bool = True,
                       device: str = "auto", progress: bool = True, offline: bool | None = None,
-                      callbacks: Sequence[Any] = ()) -> Path:
+                      callbacks: Sequence[Any] = (), end_distributed: bool = True) -> Path:
     """Finetune ``base`` on ready-made examples into ``output``: the same run as :func:`finetune` (checks,
     packing, Trainer, resumption, atomic output), with the training set given instead of built from domains.
 
@@ -170,6 +170,12 @@ def finetune_examples(base: str, examples: Sequence[dict], output: str | Path, *
     row per token (lists or numpy arrays). Examples longer than ``max_seq_length`` are cut, their fields
     with them. ``origin`` (JSON-able) says what the examples are, e.g. the content hash of the store they
     were built from: it is recorded with the run, so a rerun on other examples does not resume this one.
+
+    Under ``torchrun`` or ``accelerate launch`` the run ends by taking the process group down
+    (``end_distributed``); a caller that trains several models in one launch (``mergeplug fuse``, one per
+    source) passes False, since accelerate's process state is set up once per process and would not bring the
+    group back, and ends it itself once (:func:`end_distributed_run`). The other processes then return as soon
+    as their share of the training is done, while the main one writes the output.
     """
     from .recipe import parameter_problems
     from .schema import with_defaults
@@ -197,7 +203,8 @@ def finetune_examples(base: str, examples: Sequence[dict], output: str | Path, *
         return cut_examples(examples, max_seq_length)
 
     return _train(run, cls(**params), params, build, out, force=force, resume=resume, device=device,
-                  progress=progress, callbacks=callbacks, local_files_only=bool(offline))
+                  progress=progress, callbacks=callbacks, local_files_only=bool(offline),
+                  end_distributed=end_distributed)
 
 
 def check_examples(examples: Sequence[dict], extra_fields: dict, finetuner: str) -> None:
@@ -604,9 +611,10 @@ def _trainer_class():
 
 def _train(run: dict, finetuner: Finetuner, params: dict, build_examples: Any, out: Path, *, force: bool,
            resume: bool, device: str, progress: bool, callbacks: Sequence[Any],
-           local_files_only: bool = False) -> Path:
+           local_files_only: bool = False, end_distributed: bool = True) -> Path:
     """Train ``finetuner`` on ``build_examples(tokenizer, max_seq_length)`` (the examples, tokenised with the
-    base's tokenizer and cut to ``max_seq_length``) and write the model into ``out``."""
+    base's tokenizer and cut to ``max_seq_length``) and write the model into ``out``; ``end_distributed``: take
+    the process group down at the end (:func:`finetune_examples`)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PrinterCallback
 
@@ -655,7 +663,8 @@ def _train(run: dict, finetuner: Finetuner, params: dict, build_examples: Any, o
 
     trained = _gathered_model(trainer, finetuner, base)
     if not main:
-        _end_distributed()  # waits for the main process to write the output
+        if end_distributed:
+            _end_distributed()  # waits for the main process to write the output
         return out
     trained.config.use_cache = True
     folder = staging / "model"
@@ -675,8 +684,15 @@ def _train(run: dict, finetuner: Finetuner, params: dict, build_examples: Any, o
     (folder / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n", encoding="utf-8")
     _move_into_place(folder, out, force)
     shutil.rmtree(staging, ignore_errors=True)
-    _end_distributed()
+    if end_distributed:
+        _end_distributed()
     return out
+
+
+def end_distributed_run() -> None:
+    """Take down the process group that runs with ``end_distributed=False`` left up (:func:`finetune_examples`):
+    every process calls it once, after its last run; it does nothing when no group was set up."""
+    _end_distributed()
 
 
 def _end_distributed() -> None:

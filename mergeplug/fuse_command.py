@@ -21,8 +21,12 @@ def fuse_command(recipe, output, force, device, work, quiet):
     Four steps, each reused when its output is already in the work folder: record every model's top-k
     next-token distributions on the corpus; align each source to the pivot (token aligner plugin); finetune
     the pivot against each source's fused targets; merge the target models (VaRM or SCE) into OUTPUT.
+
+    Under torchrun or accelerate launch the main process records, aligns and merges, and every process
+    trains each target model, data parallel.
     """
-    from .fusion import fuse
+    from .fusion import Processes, fuse
 
     out = fuse(recipe, output, force=force, device=device, work=work, progress=not quiet)
-    click.echo(f"wrote {out}")
+    if Processes.from_environment().main:  # the main process reports, once
+        click.echo(f"wrote {out}")

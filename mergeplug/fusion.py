@@ -16,6 +16,27 @@ folder beside OUT (``OUT.fuse-work/``) and skipped when it is already there:
 4. **merge**: the targets, now of the pivot's architecture, are merged in parameter space (merger ``varm`` by
    default, or ``sce``; base = the pivot) into OUT with a model card, written atomically.
 
+Several processes (``torchrun``, ``accelerate launch``)
+--------------------------------------------------------
+Under a launcher (``WORLD_SIZE`` > 1) every process reads the recipe and corpus (a bad recipe fails on each
+alike), then the work is split as :class:`Processes` says:
+
+- steps 1 and 2, the output check and step 4 (merge, model card, rename into OUT) run on the main process
+  (``RANK`` 0, as ``mergeplug finetune`` decides it) only, and only it reports progress;
+- the others wait for each step folder the main process writes, polling its manifest until it says complete
+  (:data:`POLL_SECONDS`), then for its word that it is through (``main-steps.json`` in the work folder): no
+  collective call, so a recording of hours never meets gloo's or NCCL's timeout, and they never read a store
+  the main process has not finished;
+- should the main process fail there, it writes its error to ``error.json`` in the work folder instead
+  (atomically; each marker names its launch, so one left by an earlier launch is ignored, and the main process
+  removes those at start); the others raise it as theirs, and no process exits before every other has printed
+  it (a launcher stops them all once one exits with an error; :data:`ERROR_REPORT_SECONDS`);
+- step 3 runs on every process: each target model is trained data parallel by the same run as ``mergeplug
+  finetune`` (transformers' Trainer over accelerate), one source after the other in one process group, which
+  every process ends once after the last; the others then return while the main process merges.
+
+The work folder must be on a file system every process sees (as ``mergeplug finetune``'s staging folder).
+
 The store
 ---------
 A folder with ``manifest.json`` and shards ``shard-00000.safetensors``... Sequences are processed longest text
@@ -88,16 +109,19 @@ renormalised over their ids v_t; λ = 0.9 and T = 1 by default (the ``fusion`` f
 """
 from __future__ import annotations
 
+import atexit
+import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
 import sys
+import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
@@ -305,8 +329,10 @@ class ShardedFolder:
 
         name = self.shard_name(index)
         tmp = self.folder / f".{name}.{os.getpid()}.tmp"
+        # One metadata entry: safetensors writes them in its hash map's order, random per process, and the same
+        # arrays must make the same file (and SHA-256) in any process.
         save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp),
-                  metadata={"format": f"mergeplug-{self.kind}", "version": str(FORMAT_VERSION)})
+                  metadata={"format": f"mergeplug-{self.kind} {FORMAT_VERSION}"})
         os.replace(tmp, self.folder / name)
         path = self.folder / name
         self.manifest["shards"][str(index)] = {"file": name, "bytes": path.stat().st_size,
@@ -832,6 +858,142 @@ def fusion_examples(pivot: DistributionStore, targets: ShardedReader) -> list[di
     return [example for _, example in examples]
 
 
+# === several processes =====================================================================================
+#: Seconds between two looks of a waiting process at what it waits for (a manifest or marker read). Our
+#: choice: small next to any step, a negligible load on the file system.
+POLL_SECONDS = 0.5
+#: Seconds the main process, failing in a step the others wait for, waits for them to print its error, and
+#: they for it to print it too: a launcher stops every process once one exits with an error, so each process
+#: stays until the others have printed. Our choice; a process that never answers costs at most this.
+ERROR_REPORT_SECONDS = 60.0
+#: Seconds the other processes still stay once the main one has printed its error, so that it exits first and
+#: a launcher names it as the root cause (torchrun then stops them). Our choice: above an interpreter's exit.
+ERROR_MAIN_EXIT_SECONDS = 5.0
+#: Markers in the work folder, each naming its launch: the main process's error (with its problems), one
+#: ``error-reported-RANK.json`` per process that has printed it, and the main process's end of steps 1-2.
+ERROR_FILE, MAIN_STEPS_FILE = "error.json", "main-steps.json"
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class Processes:
+    """This process's place among those a launcher started (module docstring, "Several processes").
+
+    ``rank`` is the global rank (``RANK``; 0 is the main process, as ``mergeplug finetune`` takes it) and
+    ``launch`` names the launch (torchrun's rendezvous id, which ``accelerate launch`` and ``torchrun
+    --standalone`` draw at random, its restart count and the master's address), so a process honours only the
+    markers of its own launch."""
+
+    rank: int = 0
+    world_size: int = 1
+    launch: str = ""
+
+    @classmethod
+    def from_environment(cls) -> "Processes":
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size <= 1:
+            return cls()
+        missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+        if missing:
+            raise MergeplugError(f"fuse: run it as one process (unset WORLD_SIZE, {world_size} here), or through "
+                                 "torchrun or accelerate launch, which also set RANK, MASTER_ADDR and MASTER_PORT "
+                                 f"(missing: {', '.join(missing)})")
+        launch = "/".join(os.environ.get(name, "") for name in ("TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT",
+                                                                "MASTER_ADDR", "MASTER_PORT"))
+        return cls(int(os.environ["RANK"]), world_size, launch)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def several(self) -> bool:
+        return self.world_size > 1
+
+    @contextlib.contextmanager
+    def main_steps(self, work: Path) -> Iterator[None]:
+        """Around what the main process does alone before the training: it clears an earlier launch's markers
+        first and writes :data:`MAIN_STEPS_FILE` last, or its error for the others; they leave only with
+        one of the two, so none goes on (or exits content) while the main process fails."""
+        if not self.several:
+            yield
+            return
+        if self.main:
+            for stale in (work / MAIN_STEPS_FILE, *work.glob("error*.json")):
+                stale.unlink(missing_ok=True)
+        try:
+            yield
+        except Exception as exc:
+            if self.main:
+                self._share_error(work, exc)
+            raise
+        if self.main:
+            _write_json_atomic(work / MAIN_STEPS_FILE, {"launch": self.launch})
+        else:
+            self.wait_for(lambda: self._marker(work / MAIN_STEPS_FILE), work)
+
+    def wait_for(self, ready: Callable[[], _T | None], work: Path) -> _T:
+        """``ready()`` once it is not None, polled every :data:`POLL_SECONDS`; the main process's error (its
+        marker in ``work``) raised here as it is. No time limit: a step may take hours, and a launcher stops
+        this process when the main one dies without a word."""
+        while True:
+            found = ready()
+            if found is not None:
+                return found
+            error = self._marker(work / ERROR_FILE)
+            if error is not None:
+                atexit.register(self._report_at_exit, work)
+                raise MergeplugError(*error["problems"])
+            time.sleep(POLL_SECONDS)
+
+    def _marker(self, path: Path) -> dict | None:
+        """The marker at ``path`` if this launch wrote it."""
+        try:
+            marker = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # none yet
+            return None
+        return marker if marker.get("launch") == self.launch else None
+
+    # The CLI prints an error on the way out, so a process writes that it has printed it at exit: the main
+    # process exits once every other one has printed, and they stay until it has printed too.
+    def _share_error(self, work: Path, exc: Exception) -> None:
+        if isinstance(exc, MergeplugError):
+            problems = list(exc.problems)
+        else:
+            first = (str(exc).strip().splitlines() or [""])[0]
+            problems = [f"{type(exc).__name__}: {first} (on the main process; its output has the traceback)"]
+        try:
+            work.mkdir(parents=True, exist_ok=True)
+            _write_json_atomic(work / ERROR_FILE, {"launch": self.launch, "problems": problems})
+        except OSError:
+            return  # no marker: the launcher stops the others when this process exits
+        self._wait_for_reports(work, range(1, self.world_size))
+        atexit.register(self._reported, work)
+
+    def _report_at_exit(self, work: Path) -> None:
+        self._reported(work)
+        if self._wait_for_reports(work, [0]):
+            time.sleep(ERROR_MAIN_EXIT_SECONDS)
+
+    def _reported(self, work: Path) -> None:
+        try:
+            _write_json_atomic(work / f"error-reported-{self.rank}.json", {"launch": self.launch})
+        except OSError:
+            pass  # the others then wait ERROR_REPORT_SECONDS, or the launcher stops them
+
+    def _wait_for_reports(self, work: Path, ranks: Iterable[int]) -> bool:
+        """True once every process of ``ranks`` has printed the error, False after :data:`ERROR_REPORT_SECONDS`."""
+        waiting = {work / f"error-reported-{rank}.json" for rank in ranks}
+        deadline = time.monotonic() + ERROR_REPORT_SECONDS
+        while True:
+            waiting = {path for path in waiting if self._marker(path) is None}
+            if not waiting:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(POLL_SECONDS)
+
+
 # === the pipeline ==========================================================================================
 @dataclass
 class FusePlan:
@@ -898,28 +1060,40 @@ def plan_fuse(recipe, out: str | Path, *, device: str | None = None, work: str |
 def fuse(recipe, out: str | Path, *, force: bool = False, device: str | None = None, work: str | Path | None = None,
          progress: bool = True, registry=None) -> Path:
     """Run a fuse recipe into ``out`` (module docstring): record, align, finetune, merge; each finished step
-    under the work folder is reused. ``out`` is written only once the merged model is complete."""
+    under the work folder is reused. ``out`` is written only once the merged model is complete.
+
+    Under ``torchrun`` or ``accelerate launch`` every process calls it (module docstring, "Several
+    processes"); the main one writes ``out``, the others return its path once their share of the training
+    is done."""
     from .checkpoint import replace_folder
     from .engine import check_output
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise MergeplugError("fuse: run it as one process (under torchrun or accelerate launch every process would "
-                             "record and align the same stores); it trains each target on this process's devices")
+    processes = Processes.from_environment()
     out = Path(out).expanduser().absolute()
-    check_output(out, force)
+    if not processes.several:
+        check_output(out, force)
     plan = plan_fuse(recipe, out, device=device, work=work, registry=registry)
     from .engine import resolve_device
-    from .finetuning import check_device
+    from .finetuning import check_device, end_distributed_run
 
     resolve_device(plan.device)  # a clear error for a missing GPU before anything runs
     check_device(plan.device)  # training takes auto, cpu, cuda or mps (one GPU per process)
-    plan.work.mkdir(parents=True, exist_ok=True)
-    _say(f"fuse: {len(plan.sources)} source(s) into pivot {plan.pivot}; {len(plan.texts)} corpus texts; "
-         f"steps in {plan.work}", progress)
-
-    stores = _record_step(plan, progress)
-    targets = _align_step(plan, stores, progress)
-    models = _finetune_step(plan, stores[0], targets, progress)
+    progress = progress and processes.main
+    with processes.main_steps(plan.work):
+        if processes.several and processes.main:
+            check_output(out, force)
+        if processes.main:
+            plan.work.mkdir(parents=True, exist_ok=True)
+        _say(f"fuse: {len(plan.sources)} source(s) into pivot {plan.pivot}; {len(plan.texts)} corpus texts; "
+             f"steps in {plan.work}" + (f"; {processes.world_size} processes" if processes.several else ""),
+             progress)
+        stores = _record_step(plan, progress, processes)
+        targets = _align_step(plan, stores, progress, processes)
+    models = _finetune_step(plan, stores[0], targets, progress, processes)
+    if processes.several:
+        end_distributed_run()  # every process, once: the process group outlived each target's training
+        if not processes.main:
+            return out
     staged = _merge_step(plan, models, targets, out, progress)
     check_output(out, force)
     replace_folder(staged, out)
@@ -932,12 +1106,15 @@ def _step_folder(plan: FusePlan, kind: str, label: str, identity: Any) -> tuple[
     return plan.work / kind / f"{label}-{key}", key
 
 
-def _record_step(plan: FusePlan, progress: bool) -> list[DistributionStore]:
+def _record_step(plan: FusePlan, progress: bool, processes: Processes) -> list[DistributionStore]:
     stores = []
     models = [plan.pivot, *plan.sources]
     for n, (model, label) in enumerate(zip(models, plan.labels), 1):
         identity = {"model": model_identity(model), "corpus": corpus_hash(plan.texts), **asdict(plan.store)}
         folder, _ = _step_folder(plan, "stores", label, identity)
+        if not processes.main:
+            stores.append(processes.wait_for(lambda: _complete(folder, "distribution store"), plan.work))
+            continue
         existing = _complete(folder, "distribution store")
         state = "cached" if existing else "running"
         _say(f"fuse [1/4] record distributions {n}/{len(models)}: {label} ({state})", progress)
@@ -961,17 +1138,21 @@ def _complete(folder: Path, kind: str):
     return reader if intact else None
 
 
-def _align_step(plan: FusePlan, stores: list[DistributionStore], progress: bool) -> list[ShardedReader]:
+def _align_step(plan: FusePlan, stores: list[DistributionStore], progress: bool,
+                processes: Processes) -> list[ShardedReader]:
     from transformers import AutoTokenizer
 
     data = plan.recipe.data
     aligner_use = data["aligner"]
-    pivot_tokenizer = AutoTokenizer.from_pretrained(str(plan.pivot))
+    pivot_tokenizer = AutoTokenizer.from_pretrained(str(plan.pivot)) if processes.main else None
     targets = []
     for n, (source, store, label) in enumerate(zip(plan.sources, stores[1:], plan.labels[1:]), 1):
         identity = {"pivot": stores[0].identity, "source": store.identity, "aligner": aligner_use,
                     **asdict(plan.fusion)}
         folder, _ = _step_folder(plan, "targets", label, identity)
+        if not processes.main:
+            targets.append(processes.wait_for(lambda: _complete(folder, "fused targets"), plan.work))
+            continue
         existing = _complete(folder, "fused targets")
         _say(f"fuse [2/4] align {n}/{len(plan.sources)}: {label} -> pivot with aligner {aligner_use['name']} "
              f"({'cached' if existing else 'running'})", progress)
@@ -993,7 +1174,7 @@ def _align_step(plan: FusePlan, stores: list[DistributionStore], progress: bool)
 
 
 def _finetune_step(plan: FusePlan, pivot_store: DistributionStore, targets: list[ShardedReader],
-                   progress: bool) -> list[Path]:
+                   progress: bool, processes: Processes) -> list[Path]:
     from .finetuning import SUMMARY_FILE, finetune_examples
 
     use = plan.recipe.data["finetuner"]
@@ -1008,9 +1189,12 @@ def _finetune_step(plan: FusePlan, pivot_store: DistributionStore, targets: list
         if not done:
             folder.mkdir(parents=True, exist_ok=True)
             examples = fusion_examples(pivot_store, target)
+            # Every process trains (data parallel under a launcher); the process group is kept for the next
+            # source, since accelerate sets it up once per process, and fuse ends it after the last.
             finetune_examples(str(plan.pivot), examples, model, finetuner=use["name"], parameters=use["parameters"],
                               origin={"targets": _digest(target.identity)}, force=model.exists(),
-                              device=plan.device, progress=progress, offline=True)
+                              device=plan.device, progress=progress, offline=True,
+                              end_distributed=not processes.several)
         models.append(model)
     return models
 
