@@ -60,6 +60,7 @@ name: the same recipe and seed give byte-identical files.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -407,8 +408,21 @@ def run_merge(plan: MergePlan, out: str | Path, *, force: bool = False, progress
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the model folder should not be
-    if plan.statistic_sources and not plan.statistics:
-        plan.statistics = compute_statistics(plan)
+    try:
+        if plan.statistic_sources and not plan.statistics:
+            plan.statistics = compute_statistics(plan)
+        with _reusing_freed_memory():
+            _stream(plan, tmp, progress)
+        _write_metadata(plan, tmp)
+        replace_folder(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _stream(plan: MergePlan, tmp: Path, progress: bool | None) -> None:
+    """Every output tensor, merged and written into ``tmp`` in order (pre-passes first)."""
     writer = None
     try:
         writer = ShardedWriter(tmp, [(t.name, t.shape, t.dtype) for t in plan.tensors], plan.max_shard_bytes,
@@ -427,14 +441,44 @@ def run_merge(plan: MergePlan, out: str | Path, *, force: bool = False, progress
                 writer.write(name, _output_tensor(plan, tensor))
                 bar.update(tensor.nbytes)
         writer.close()
-        _write_metadata(plan, tmp)
-        replace_folder(tmp, out)
     except BaseException:
         if writer is not None:
             writer.abort()
-        shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
+
+
+#: glibc's mallopt parameters (malloc.h): M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, and their defaults.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD = -1, -3, 128 * 1024
+
+
+@contextlib.contextmanager
+def _reusing_freed_memory():
+    """While merging, keep freed tensor memory in the process for the next tensor (glibc on Linux).
+
+    glibc serves every allocation above 128 KiB with a fresh mmap and unmaps it when freed, so each merged
+    tensor's buffers were page-faulted in anew (zero-filled by the kernel) and a linear merge spent more time in
+    page faults than in arithmetic. Raising the mmap and trim thresholds to 1 GiB lets freed buffers be reused
+    (measured on a 10-block Llama, bf16, 4 inputs: linear 1.30 s -> 0.71 s, TIES 3.5 s -> 3.0 s; the resident
+    peak grows by about 150 MiB, the size of the largest tensor's buffers). The thresholds go back to glibc's
+    defaults afterwards and malloc_trim returns what is kept, so a process that merges and goes on (a notebook,
+    the bench) does not hold it. Elsewhere (macOS, musl, Windows) nothing changes."""
+    libc = None
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL("libc.so.6")
+            if not (libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30) and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)):
+                libc = None
+        except (OSError, AttributeError):  # not glibc
+            libc = None
+    try:
+        yield
+    finally:
+        if libc is not None:
+            libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD)
+            libc.mallopt(_M_TRIM_THRESHOLD, _GLIBC_DEFAULT_THRESHOLD)
+            libc.malloc_trim(0)
 
 
 def _bar(plan: MergePlan, desc: str, progress: bool | None):

@@ -275,3 +275,15 @@ def test_the_cli_batch_token_budget_reaches_the_statistics_pass(tiny, offline, t
     assert len(shapes) == 4 and all(rows == 1 for rows, _ in shapes)  # 2 models x 2 samples, one row per batch
     result = CliRunner().invoke(cli, ["merge", str(path), "-o", str(tmp_path / "o2"), "--statistics-batch-tokens", "0"])
     assert result.exit_code == 2 and "0 is not in the range x>=1" in result.output
+
+
+def test_a_statistics_failure_leaves_no_temporary_folder(tiny, offline, tmp_path, monkeypatch):
+    from mergeplug.engine import merge
+
+    def broken(self, model, batches, settings):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(RegMeanMerger, "compute_statistic", broken)
+    with pytest.raises(MergeplugError, match=r"failed computing its statistic gram: RuntimeError: boom"):
+        merge(write_recipe(tmp_path, tiny), tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"]
