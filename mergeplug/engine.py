@@ -460,8 +460,9 @@ def _reusing_freed_memory():
     page faults than in arithmetic. Raising the mmap and trim thresholds to 1 GiB lets freed buffers be reused
     (measured on a 10-block Llama, bf16, 4 inputs: linear 1.30 s -> 0.71 s, TIES 3.5 s -> 3.0 s; the resident
     peak grows by about 150 MiB, the size of the largest tensor's buffers). The thresholds go back to glibc's
-    defaults afterwards and malloc_trim returns what is kept, so a process that merges and goes on (a notebook,
-    the bench) does not hold it. Elsewhere (macOS, musl, Windows) nothing changes."""
+    default values afterwards (fixed from then on: glibc has no way to restore its sliding mmap threshold) and
+    malloc_trim returns what is kept, so a process that merges and goes on (a notebook, the bench) does not
+    hold it. Elsewhere (macOS, musl, Windows) nothing changes."""
     libc = None
     if sys.platform.startswith("linux"):
         try:

@@ -123,22 +123,9 @@ def finetune(base: str, domains: str | Sequence[str], output: str | Path, *, fin
     ``callbacks`` are extra ``transformers.TrainerCallback`` objects. Under ``torchrun`` or ``accelerate
     launch`` every process calls this; only the main one writes the output.
     """
-    from .recipe import parameter_problems
-    from .schema import with_defaults
-
     out = Path(output).expanduser().absolute()
     resolved = resolve_training_domains(domains)
-    component = _registry().get("finetuner", finetuner)
-    schema = parameter_schema(component)
-    given = dict(parameters or {})
-    lines = parameter_problems(given, schema, source=f"finetuner {finetuner}", where=["parameters"])
-    if lines:
-        raise MergeplugError(*lines)
-    params = with_defaults(given, schema)
-    cls = component.load()
-    if not (isinstance(cls, type) and issubclass(cls, Finetuner)):
-        raise MergeplugError(f"{component.describe()}: registers {cls!r}, not a subclass of "
-                             "mergeplug.finetuning.Finetuner")
+    cls, params = _finetuner_and_parameters(finetuner, parameters)
     if cls.EXTRA_FIELDS:
         raise MergeplugError(f"finetuner {finetuner}: trains on per-token targets ({', '.join(cls.EXTRA_FIELDS)}) "
                              "that a domain's rows do not carry; run it through the command that builds them "
@@ -177,21 +164,8 @@ def finetune_examples(base: str, examples: Sequence[dict], output: str | Path, *
     group back, and ends it itself once (:func:`end_distributed_run`). The other processes then return as soon
     as their share of the training is done, while the main one writes the output.
     """
-    from .recipe import parameter_problems
-    from .schema import with_defaults
-
     out = Path(output).expanduser().absolute()
-    component = _registry().get("finetuner", finetuner)
-    schema = parameter_schema(component)
-    given = dict(parameters or {})
-    lines = parameter_problems(given, schema, source=f"finetuner {finetuner}", where=["parameters"])
-    if lines:
-        raise MergeplugError(*lines)
-    params = with_defaults(given, schema)
-    cls = component.load()
-    if not (isinstance(cls, type) and issubclass(cls, Finetuner)):
-        raise MergeplugError(f"{component.describe()}: registers {cls!r}, not a subclass of "
-                             "mergeplug.finetuning.Finetuner")
+    cls, params = _finetuner_and_parameters(finetuner, parameters)
     check_examples(examples, cls.EXTRA_FIELDS, finetuner)
     check_base_model(base, offline)
     check_output(out, force)
@@ -205,6 +179,25 @@ def finetune_examples(base: str, examples: Sequence[dict], output: str | Path, *
     return _train(run, cls(**params), params, build, out, force=force, resume=resume, device=device,
                   progress=progress, callbacks=callbacks, local_files_only=bool(offline),
                   end_distributed=end_distributed)
+
+
+def _finetuner_and_parameters(name: str, parameters: dict | None) -> tuple[type, dict]:
+    """The registered finetuner class ``name`` and its ``parameters``, checked against its schema, defaults
+    filled in."""
+    from .recipe import parameter_problems
+    from .schema import with_defaults
+
+    component = _registry().get("finetuner", name)
+    schema = parameter_schema(component)
+    given = dict(parameters or {})
+    lines = parameter_problems(given, schema, source=f"finetuner {name}", where=["parameters"])
+    if lines:
+        raise MergeplugError(*lines)
+    cls = component.load()
+    if not (isinstance(cls, type) and issubclass(cls, Finetuner)):
+        raise MergeplugError(f"{component.describe()}: registers {cls!r}, not a subclass of "
+                             "mergeplug.finetuning.Finetuner")
+    return cls, with_defaults(given, schema)
 
 
 def check_examples(examples: Sequence[dict], extra_fields: dict, finetuner: str) -> None:
@@ -664,7 +657,7 @@ def _train(run: dict, finetuner: Finetuner, params: dict, build_examples: Any, o
     trained = _gathered_model(trainer, finetuner, base)
     if not main:
         if end_distributed:
-            _end_distributed()  # waits for the main process to write the output
+            end_distributed_run()  # waits for the main process to write the output
         return out
     trained.config.use_cache = True
     folder = staging / "model"
@@ -685,19 +678,15 @@ def _train(run: dict, finetuner: Finetuner, params: dict, build_examples: Any, o
     _move_into_place(folder, out, force)
     shutil.rmtree(staging, ignore_errors=True)
     if end_distributed:
-        _end_distributed()
+        end_distributed_run()
     return out
 
 
 def end_distributed_run() -> None:
-    """Take down the process group that runs with ``end_distributed=False`` left up (:func:`finetune_examples`):
-    every process calls it once, after its last run; it does nothing when no group was set up."""
-    _end_distributed()
-
-
-def _end_distributed() -> None:
     """Under torchrun: wait for every process, then take the process group down before the interpreter exits
-    (a gloo group left alive at exit can abort a process, "terminate called without an active exception")."""
+    (a gloo group left alive at exit can abort a process, "terminate called without an active exception").
+    A run ends with it unless ``end_distributed=False`` (:func:`finetune_examples`); its caller then calls it
+    once on every process, after its last run. Nothing happens when no group was set up."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
@@ -745,3 +734,14 @@ def saved_dtype(base: str) -> Any:
     if isinstance(value, str):
         value = getattr(torch, value, None)
     return value if isinstance(value, torch.dtype) and value.is_floating_point else None
+
+
+def save_in_base_dtype(model: Any, tokenizer: Any, folder: Path, *, base: str) -> None:
+    """Save a full model and its tokenizer into ``folder`` in the dtype ``base`` is stored in
+    (:func:`saved_dtype`; as trained when the base does not say)."""
+    dtype = saved_dtype(base)
+    if dtype is not None:
+        model = model.to(dtype)
+        model.config.dtype = dtype
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))

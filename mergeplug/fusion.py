@@ -126,6 +126,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 import numpy as np
 
 from .errors import MergeplugError
+from .statistics import content_digest, file_sha256
 
 #: Bump when what a store, target folder or step writes changes: older folders then stop matching any step.
 FORMAT_VERSION = 1
@@ -185,19 +186,6 @@ class FusionSettings:
 
 
 # === small helpers =========================================================================================
-def _digest(value: Any) -> str:
-    blob = json.dumps(value, sort_keys=True, ensure_ascii=False, default=str)
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
@@ -217,7 +205,7 @@ def _bar(total: int, desc: str, progress: bool):
 
 def corpus_hash(texts: Sequence[str]) -> str:
     """SHA-256 of the corpus texts in order: part of every step's identity."""
-    return _digest(list(texts))
+    return content_digest(list(texts))
 
 
 def model_identity(folder: str | Path) -> dict:
@@ -322,7 +310,7 @@ class ShardedFolder:
         path = self.folder / record["file"]
         if not path.is_file() or path.stat().st_size != record["bytes"]:
             return False
-        return not verify or _file_sha256(path) == record["sha256"]
+        return not verify or file_sha256(path) == record["sha256"]
 
     def write(self, index: int, arrays: dict[str, np.ndarray], **record: Any) -> None:
         from safetensors.numpy import save_file
@@ -336,7 +324,7 @@ class ShardedFolder:
         os.replace(tmp, self.folder / name)
         path = self.folder / name
         self.manifest["shards"][str(index)] = {"file": name, "bytes": path.stat().st_size,
-                                               "sha256": _file_sha256(path), **record}
+                                               "sha256": file_sha256(path), **record}
         self.manifest["complete"] = False
         _write_json_atomic(self.folder / MANIFEST_FILE, self.manifest)
 
@@ -1102,7 +1090,7 @@ def fuse(recipe, out: str | Path, *, force: bool = False, device: str | None = N
 
 
 def _step_folder(plan: FusePlan, kind: str, label: str, identity: Any) -> tuple[Path, str]:
-    key = _digest({"format": FORMAT_VERSION, "kind": kind, "identity": identity})[:12]
+    key = content_digest({"format": FORMAT_VERSION, "kind": kind, "identity": identity})[:12]
     return plan.work / kind / f"{label}-{key}", key
 
 
@@ -1192,7 +1180,7 @@ def _finetune_step(plan: FusePlan, pivot_store: DistributionStore, targets: list
             # Every process trains (data parallel under a launcher); the process group is kept for the next
             # source, since accelerate sets it up once per process, and fuse ends it after the last.
             finetune_examples(str(plan.pivot), examples, model, finetuner=use["name"], parameters=use["parameters"],
-                              origin={"targets": _digest(target.identity)}, force=model.exists(),
+                              origin={"targets": content_digest(target.identity)}, force=model.exists(),
                               device=plan.device, progress=progress, offline=True,
                               end_distributed=not processes.several)
         models.append(model)

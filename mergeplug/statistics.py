@@ -35,7 +35,8 @@ def default_cache_root() -> Path:
     return base / "mergeplug" / "statistics"
 
 
-def _digest(value: Any) -> str:
+def content_digest(value: Any) -> str:
+    """SHA-256 of ``value`` as canonical JSON (sorted keys; what JSON cannot hold, by its str): a content key."""
     blob = json.dumps(value, sort_keys=True, ensure_ascii=False, default=str)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
@@ -58,10 +59,11 @@ def model_fingerprint(model: str, revision: str | None = None) -> dict:
 
 def data_fingerprint(rows: list[dict]) -> str:
     """A hash of the rows a statistic is computed on (their order matters: statistics may use the first N)."""
-    return _digest(rows)
+    return content_digest(rows)
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, read 16 MiB at a time."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):
@@ -101,7 +103,7 @@ class StatisticsCache:
     def key(self, *, statistic: str, model: dict, data: str, settings: Mapping[str, Any]) -> str:
         """The entry name for ``statistic`` of ``model`` (a :func:`model_fingerprint`) on ``data`` (a
         :func:`data_fingerprint`) with ``settings`` (everything else the computation reads)."""
-        return _digest({"format": FORMAT_VERSION, "statistic": statistic, "model": model, "data": data,
+        return content_digest({"format": FORMAT_VERSION, "statistic": statistic, "model": model, "data": data,
                         "settings": dict(settings)})[:32]
 
     def get(self, key: str) -> StoredStatistic | None:
@@ -114,7 +116,7 @@ class StatisticsCache:
             record = json.loads(record_path.read_text(encoding="utf-8"))
             tensors = folder / TENSOR_FILE
             intact = (record.get("key") == key and record.get("format") == FORMAT_VERSION and tensors.is_file()
-                      and tensors.stat().st_size == record["size"] and _file_sha256(tensors) == record["sha256"])
+                      and tensors.stat().st_size == record["size"] and file_sha256(tensors) == record["sha256"])
         except (OSError, ValueError, KeyError, TypeError):
             intact = False
         if not intact:
@@ -132,7 +134,7 @@ class StatisticsCache:
             path = staging / TENSOR_FILE
             save_file({name: t.detach().contiguous().cpu() for name, t in tensors.items()}, str(path))
             record = {"key": key, "format": FORMAT_VERSION, "names": sorted(tensors), "size": path.stat().st_size,
-                      "sha256": _file_sha256(path), "meta": dict(meta or {})}
+                      "sha256": file_sha256(path), "meta": dict(meta or {})}
             (staging / RECORD_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
             final = self.root / key
             if final.exists():

@@ -23,7 +23,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mergeplug.finetuning import Finetuner, saved_dtype
+from mergeplug.finetuning import Finetuner, save_in_base_dtype
 from mergeplug.fusion import TARGET_IDS, TARGET_LOGPROBS, fusion_loss
 
 
@@ -41,9 +41,4 @@ class FusionFinetuner(Finetuner):
                            num_items_in_batch=num_items_in_batch)
 
     def save(self, model: Any, tokenizer: Any, folder: Path, *, base: str) -> None:
-        dtype = saved_dtype(base)
-        if dtype is not None:
-            model = model.to(dtype)
-            model.config.dtype = dtype
-        model.save_pretrained(str(folder))
-        tokenizer.save_pretrained(str(folder))
+        save_in_base_dtype(model, tokenizer, folder, base=base)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from mergeplug import MergeplugError
-from mergeplug.finetuning import Finetuner, saved_dtype
+from mergeplug.finetuning import Finetuner, save_in_base_dtype
 
 #: Sub-folder of the output folder the adapter is saved in.
 ADAPTER_FOLDER = "adapter"
@@ -62,10 +62,4 @@ class LoraFinetuner(Finetuner):
         adapter_folder = folder / ADAPTER_FOLDER
         model.save_pretrained(str(adapter_folder))
         tokenizer.save_pretrained(str(adapter_folder))
-        merged = model.merge_and_unload()
-        dtype = saved_dtype(base)
-        if dtype is not None:
-            merged = merged.to(dtype)
-            merged.config.dtype = dtype
-        merged.save_pretrained(str(folder))
-        tokenizer.save_pretrained(str(folder))
+        save_in_base_dtype(model.merge_and_unload(), tokenizer, folder, base=base)
