@@ -1,7 +1,10 @@
-"""Shared fixtures: an in-process registry built through the real plugin manager."""
+"""Shared fixtures: an in-process registry built through the real plugin manager, and a PNG decoder for the
+plots' tests."""
 from __future__ import annotations
 
 import os
+import struct
+import zlib
 
 import pytest
 
@@ -44,3 +47,40 @@ def use_registry():
 
     yield install
     plugins.set_registry(previous)
+
+
+def _decode_png(data: bytes) -> tuple[int, int, list[bytes]]:
+    """Width, height and RGB scanlines of an 8-bit RGB PNG with filter-0 rows; every chunk's CRC checked."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    at, chunks = 8, []
+    while at < len(data):
+        (length,) = struct.unpack(">I", data[at:at + 4])
+        kind, body = data[at + 4:at + 8], data[at + 8:at + 8 + length]
+        (crc,) = struct.unpack(">I", data[at + 8 + length:at + 12 + length])
+        assert crc == zlib.crc32(kind + body) & 0xFFFFFFFF, kind
+        chunks.append((kind, body))
+        at += 12 + length
+    assert [k for k, _ in chunks] == [b"IHDR", b"IDAT", b"IEND"]
+    width, height, depth, colour, *_ = struct.unpack(">IIBBBBB", chunks[0][1])
+    assert (depth, colour) == (8, 2)
+    raw = zlib.decompress(chunks[1][1])
+    stride = 1 + 3 * width
+    assert len(raw) == stride * height
+    rows = [raw[y * stride:(y + 1) * stride] for y in range(height)]
+    assert {row[0] for row in rows} == {0}
+    return width, height, [row[1:] for row in rows]
+
+
+@pytest.fixture
+def decode_png():
+    """Width, height and RGB scanlines of an 8-bit RGB PNG with filter-0 rows; every chunk's CRC checked."""
+    return _decode_png
+
+
+@pytest.fixture
+def statistics_cache(monkeypatch, tmp_path):
+    """Offline (no hub), with the statistics cache of data-aware mergers in a fresh folder; returns it."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("MERGEPLUG_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"

@@ -6,8 +6,6 @@ math domain's shipped training sample (4 rows): the hub is never tried.
 """
 from __future__ import annotations
 
-import struct
-import zlib
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -37,31 +35,3 @@ def offline(monkeypatch):
 @pytest.fixture
 def quick() -> dict:
     return dict(QUICK)
-
-
-def _decode_png(data: bytes) -> tuple[int, int, list[bytes]]:
-    """Width, height and RGB scanlines of an 8-bit RGB PNG with filter-0 rows; every chunk's CRC checked."""
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    at, chunks = 8, []
-    while at < len(data):
-        (length,) = struct.unpack(">I", data[at:at + 4])
-        kind, body = data[at + 4:at + 8], data[at + 8:at + 8 + length]
-        (crc,) = struct.unpack(">I", data[at + 8 + length:at + 12 + length])
-        assert crc == zlib.crc32(kind + body) & 0xFFFFFFFF, kind
-        chunks.append((kind, body))
-        at += 12 + length
-    assert [k for k, _ in chunks] == [b"IHDR", b"IDAT", b"IEND"]
-    width, height, depth, colour, *_ = struct.unpack(">IIBBBBB", chunks[0][1])
-    assert (depth, colour) == (8, 2)
-    raw = zlib.decompress(chunks[1][1])
-    stride = 1 + 3 * width
-    assert len(raw) == stride * height
-    rows = [raw[y * stride:(y + 1) * stride] for y in range(height)]
-    assert {row[0] for row in rows} == {0}
-    return width, height, [row[1:] for row in rows]
-
-
-@pytest.fixture
-def decode_png():
-    """Width, height and RGB scanlines of an 8-bit RGB PNG with filter-0 rows; every chunk's CRC checked."""
-    return _decode_png

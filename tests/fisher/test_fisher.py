@@ -26,14 +26,6 @@ def tiny(tmp_path_factory):
     return {"base": base, "ft1": ft1, "ft2": ft2}
 
 
-@pytest.fixture
-def offline(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("MERGEPLUG_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
-
-
 def inputs_of(models, fishers, weights=(1.0, 1.0), epsilon=1e-10):
     return TensorInputs(name="w", base=None, models=models, parameters={**PARAMS, "epsilon": epsilon},
                         model_parameters=[{"weight": w} for w in weights], statistics=fishers, model_names=["a", "b"])
@@ -132,7 +124,7 @@ def recipe(tmp_path, tiny, models):
     return path
 
 
-def test_merge_with_domains_computes_once_then_reuses_the_cache(tiny, offline, tmp_path, monkeypatch):
+def test_merge_with_domains_computes_once_then_reuses_the_cache(tiny, statistics_cache, tmp_path, monkeypatch):
     from mergeplug.checkpoint import open_checkpoint
     from mergeplug.engine import merge
 
@@ -148,7 +140,7 @@ def test_merge_with_domains_computes_once_then_reuses_the_cache(tiny, offline, t
                                    {"model": str(tiny["ft2"]), "domain": "math"}])
     out = merge(path, tmp_path / "out")
     assert calls == [2, 2]
-    assert len([p for p in offline.iterdir() if not p.name.startswith(".")]) == 2
+    assert len([p for p in statistics_cache.iterdir() if not p.name.startswith(".")]) == 2
     merge(path, tmp_path / "out", force=True)
     assert calls == [2, 2]  # the second merge ran no forward pass
 
@@ -163,7 +155,7 @@ def test_merge_with_domains_computes_once_then_reuses_the_cache(tiny, offline, t
     assert_close(open_checkpoint(out, label="out").get(name), expected)
 
 
-def test_a_corrupt_cache_entry_is_recomputed(tiny, offline, tmp_path, monkeypatch):
+def test_a_corrupt_cache_entry_is_recomputed(tiny, statistics_cache, tmp_path, monkeypatch):
     from mergeplug.engine import merge
 
     calls = []
@@ -173,7 +165,7 @@ def test_a_corrupt_cache_entry_is_recomputed(tiny, offline, tmp_path, monkeypatc
     path = recipe(tmp_path, tiny, [{"model": str(tiny["ft1"]), "domain": "math"},
                                    {"model": str(tiny["ft2"]), "domain": "math"}])
     merge(path, tmp_path / "out")
-    entry = next(p for p in offline.iterdir() if (p / RECORD_FILE).is_file())
+    entry = next(p for p in statistics_cache.iterdir() if (p / RECORD_FILE).is_file())
     with open(entry / TENSOR_FILE, "r+b") as f:
         f.seek(-4, 2)
         f.write(b"\xff\xff\xff\xff")
@@ -181,7 +173,7 @@ def test_a_corrupt_cache_entry_is_recomputed(tiny, offline, tmp_path, monkeypatc
     assert len(calls) == 3  # two computed, then only the damaged one again
 
 
-def test_local_data_files_are_used_per_model(tiny, offline, tmp_path):
+def test_local_data_files_are_used_per_model(tiny, statistics_cache, tmp_path):
     from mergeplug.engine import merge
 
     data = tmp_path / "mine.jsonl"
@@ -189,11 +181,11 @@ def test_local_data_files_are_used_per_model(tiny, offline, tmp_path):
     path = recipe(tmp_path, tiny, [{"model": str(tiny["ft1"]), "data": {"data_files": str(data)}},
                                    {"model": str(tiny["ft2"]), "domain": "math"}])
     merge(path, tmp_path / "out")
-    records = [yaml.safe_load((p / RECORD_FILE).read_text()) for p in offline.iterdir() if (p / RECORD_FILE).is_file()]
+    records = [yaml.safe_load((p / RECORD_FILE).read_text()) for p in statistics_cache.iterdir() if (p / RECORD_FILE).is_file()]
     assert sorted(r["meta"]["model"] for r in records) == sorted([str(tiny["ft1"]), str(tiny["ft2"])])
 
 
-def test_a_model_without_data_is_refused_before_any_weight_is_read(tiny, offline, tmp_path, monkeypatch):
+def test_a_model_without_data_is_refused_before_any_weight_is_read(tiny, statistics_cache, tmp_path, monkeypatch):
     from mergeplug import checkpoint
     from mergeplug.engine import merge
 

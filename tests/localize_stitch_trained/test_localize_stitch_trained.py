@@ -207,14 +207,6 @@ def tiny(tmp_path_factory):
     }
 
 
-@pytest.fixture
-def offline(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("MERGEPLUG_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
-
-
 def write_recipe(tmp_path, base, models):
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump({
@@ -229,7 +221,7 @@ def entries(cache):
     return sorted(p for p in cache.iterdir() if not p.name.startswith(".")) if cache.exists() else []
 
 
-def test_merge_trains_masks_once_reuses_the_cache_and_recomputes_for_a_changed_base(tiny, offline, tmp_path,
+def test_merge_trains_masks_once_reuses_the_cache_and_recomputes_for_a_changed_base(tiny, statistics_cache, tmp_path,
                                                                                      monkeypatch):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
@@ -259,13 +251,13 @@ def test_merge_trains_masks_once_reuses_the_cache_and_recomputes_for_a_changed_b
     assert result.exit_code == 0, result.output
     # both samples of a model in one padded batch: one forward per epoch
     assert calls == [2, 2] and len(forwards) == 2 * 2  # models × epochs
-    assert len(entries(offline)) == 2
+    assert len(entries(statistics_cache)) == 2
 
     # The merged model reloads; each tensor is the stitch of the cached masks; embeddings and lm_head are the base's.
     AutoModelForCausalLM.from_pretrained(str(out))
     merged, base = load_file(str(out / "model.safetensors")), load_file(str(tiny["base"] / "model.safetensors"))
     thetas = [load_file(str(tiny[k] / "model.safetensors")) for k in ("ft1", "ft2")]
-    stored = {s.meta["model"]: s for s in (StatisticsCache().get(e.name) for e in entries(offline))}
+    stored = {s.meta["model"]: s for s in (StatisticsCache().get(e.name) for e in entries(statistics_cache))}
     masks = [stored[str(tiny[k])] for k in ("ft1", "ft2")]
     assert all(s.meta["base"] == str(tiny["base"]) for s in masks)
     for name in ("model.layers.0.mlp.down_proj.weight", "model.norm.weight"):
@@ -293,10 +285,10 @@ def test_merge_trains_masks_once_reuses_the_cache_and_recomputes_for_a_changed_b
     path = write_recipe(tmp_path, tiny["base2"], models)
     result = CliRunner().invoke(cli, ["merge", str(path), "-o", str(out), "--force"])
     assert result.exit_code == 0, result.output
-    assert calls == [2, 2, 2, 2] and len(entries(offline)) == 4
+    assert calls == [2, 2, 2, 2] and len(entries(statistics_cache)) == 4
 
 
-def test_a_model_without_data_is_refused_before_any_weight_is_read(tiny, offline, tmp_path, monkeypatch):
+def test_a_model_without_data_is_refused_before_any_weight_is_read(tiny, statistics_cache, tmp_path, monkeypatch):
     from mergeplug import checkpoint
     from mergeplug.engine import merge
 

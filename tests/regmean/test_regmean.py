@@ -158,14 +158,6 @@ def test_a_tied_output_layer_gets_no_gram(tiny, tmp_path):
     assert "lm_head.weight" not in names and "model.layers.0.self_attn.q_proj.weight" in names
 
 
-@pytest.fixture
-def offline(monkeypatch, tmp_path):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("MERGEPLUG_CACHE", str(tmp_path / "cache"))
-    return tmp_path / "cache"
-
-
 def write_recipe(tmp_path, tiny):
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump({"kind": "merge", "method": "regmean",
@@ -175,7 +167,7 @@ def write_recipe(tmp_path, tiny):
     return path
 
 
-def test_engine_computes_the_grams_once_on_math_then_reads_the_cache(tiny, offline, tmp_path, monkeypatch):
+def test_engine_computes_the_grams_once_on_math_then_reads_the_cache(tiny, statistics_cache, tmp_path, monkeypatch):
     from mergeplug.engine import compute_statistics, plan_merge
     from mergeplug.recipe import load_recipe
 
@@ -192,7 +184,7 @@ def test_engine_computes_the_grams_once_on_math_then_reads_the_cache(tiny, offli
     assert calls == [(2, {"samples": 2, "max_length": 400})] * 2
     second = compute_statistics(plan_merge(recipe))
     assert len(calls) == 2  # the second run ran no forward pass
-    assert len([p for p in offline.iterdir() if not p.name.startswith(".")]) == 2
+    assert len([p for p in statistics_cache.iterdir() if not p.name.startswith(".")]) == 2
     name = "model.layers.0.mlp.down_proj.weight"
     for a, b in zip(first, second):
         gram = b.get(name)
@@ -202,7 +194,7 @@ def test_engine_computes_the_grams_once_on_math_then_reads_the_cache(tiny, offli
         assert bool((torch.diagonal(gram) >= 0).all())
 
 
-def test_full_engine_merge_equals_regmean_of_the_cached_grams(tiny, offline, tmp_path):
+def test_full_engine_merge_equals_regmean_of_the_cached_grams(tiny, statistics_cache, tmp_path):
     from mergeplug.checkpoint import open_checkpoint
     from mergeplug.engine import merge
     from mergeplug.statistics import StatisticsCache
@@ -221,7 +213,7 @@ def test_full_engine_merge_equals_regmean_of_the_cached_grams(tiny, offline, tmp
     assert_close(merged.get(norm), (ckpts[0].get(norm) + ckpts[1].get(norm)) / 2)
 
 
-def test_statistics_use_the_first_rows_of_a_seed_42_shuffle(tiny, offline, tmp_path, monkeypatch):
+def test_statistics_use_the_first_rows_of_a_seed_42_shuffle(tiny, statistics_cache, tmp_path, monkeypatch):
     """MergeBench draws its statistics samples with dataset.shuffle(seed=42): the pass sees those rows, in that
     order, not the file's first ones."""
     import json
@@ -256,7 +248,7 @@ def test_statistics_use_the_first_rows_of_a_seed_42_shuffle(tiny, offline, tmp_p
     assert all(sum(e in t for e in expected) == 1 for t in texts)
 
 
-def test_the_cli_batch_token_budget_reaches_the_statistics_pass(tiny, offline, tmp_path, monkeypatch):
+def test_the_cli_batch_token_budget_reaches_the_statistics_pass(tiny, statistics_cache, tmp_path, monkeypatch):
     from click.testing import CliRunner
 
     from mergeplug.cli import cli
@@ -277,7 +269,7 @@ def test_the_cli_batch_token_budget_reaches_the_statistics_pass(tiny, offline, t
     assert result.exit_code == 2 and "0 is not in the range x>=1" in result.output
 
 
-def test_a_statistics_failure_leaves_no_temporary_folder(tiny, offline, tmp_path, monkeypatch):
+def test_a_statistics_failure_leaves_no_temporary_folder(tiny, statistics_cache, tmp_path, monkeypatch):
     from mergeplug.engine import merge
 
     def broken(self, model, batches, settings):
