@@ -11,6 +11,7 @@ torch, so import it only from a merger's implementation module, never from a plu
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import math
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from typing import Any, Callable, ClassVar, Iterable, Mapping
 
 import torch
 
+from . import native
 from .errors import MergeplugError
 
 
@@ -57,10 +59,15 @@ class TensorInputs:
 
     def generator(self, model_index: int) -> torch.Generator:
         """A generator seeded from (seed, tensor name, model index): results do not depend on merge order."""
-        digest = hashlib.sha256(f"{self.seed}\0{self.name}\0{model_index}".encode()).digest()
         gen = torch.Generator(device=self.models[0].device)
-        gen.manual_seed(int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF)
+        gen.manual_seed(self.random_key(model_index) & 0x7FFF_FFFF_FFFF_FFFF)
         return gen
+
+    def random_key(self, model_index: int) -> int:
+        """A 64-bit key from (seed, tensor name, model index) for :func:`uniform`: the built-in random mergers'
+        draws, the same on every device and in any merge order."""
+        digest = hashlib.sha256(f"{self.seed}\0{self.name}\0{model_index}".encode()).digest()
+        return int.from_bytes(digest[:8], "little")
 
 
 class Merger:
@@ -152,7 +159,8 @@ def samples_of(batches: Iterable[dict[str, torch.Tensor]]) -> Iterable[dict[str,
 ELEMENTWISE_CHUNK = 1 << 18
 
 
-def elementwise_in_chunks(fn: Callable[[list[torch.Tensor]], torch.Tensor], tensors: list[torch.Tensor]) -> torch.Tensor:
+def elementwise_in_chunks(fn: Callable[[list[torch.Tensor]], torch.Tensor], tensors: list[torch.Tensor],
+                          dtype: torch.dtype | None = None) -> torch.Tensor:
     """``fn`` applied to aligned cache-sized chunks of same-shape ``tensors`` (flat, whole rows of the last
     dimension, in order), assembled into one tensor.
 
@@ -163,10 +171,34 @@ def elementwise_in_chunks(fn: Callable[[list[torch.Tensor]], torch.Tensor], tens
     row = shape[-1] if len(shape) else 1
     step = max(row, ELEMENTWISE_CHUNK // row * row)  # whole rows, so per-row work (DELLA's ranks) stays exact
     flat = [t.reshape(-1) for t in tensors]
-    out = torch.empty_like(flat[0])
+    out = torch.empty_like(flat[0], dtype=dtype)  # dtype: the result's, when fn computes in another
     for start in range(0, out.numel(), step):
         out[start:start + step] = fn([f[start:start + step] for f in flat])
     return out.view_as(tensors[0])
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (two multiply-xorshift rounds, constants from C. Wellons' hash-prospector) on
+    int64 tensors holding values below 2**32: both constants are below 2**31, so no product overflows."""
+    x = x ^ (x >> 16)
+    x = (x * 0x21F0AAAD) & 0xFFFF_FFFF
+    x = x ^ (x >> 15)
+    x = (x * 0x735A2D97) & 0xFFFF_FFFF
+    return x ^ (x >> 15)
+
+
+def uniform(key: int, start: int, count: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """``count`` float32 numbers in [0, 1) with 24 random bits: u(key, p) for positions p = start, start + 1, …
+
+    Counter-based (each number a hash of the key and its position), so a tensor's draws are the same whether
+    it is merged whole or in chunks, on the CPU, a GPU or in the fused kernels (which compute the same
+    function), and a chunk can be drawn without the ones before it; ``torch.rand`` on the CPU is a sequential
+    generator, about 3 ns a number, slower than the rest of a DARE merge together.
+    """
+    positions = torch.arange(start, start + count, dtype=torch.int64, device=device)
+    hashed = _mix32((positions & 0xFFFF_FFFF) ^ (key & 0xFFFF_FFFF))
+    hashed = _mix32(hashed ^ (positions >> 32) ^ ((key >> 32) & 0xFFFF_FFFF))
+    return (hashed >> 8).to(torch.float32).mul_(1.0 / (1 << 24))
+
 
 def weighted_sum(tensors: list[torch.Tensor], weights: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Σ_i w_i t_i without stacking (peak memory of two tensors, not N), in ``dtype`` (default: the first
@@ -210,16 +242,83 @@ class TopMagnitudes:
     ones by position are kept, so the sets for growing k are nested.
     """
 
-    def __init__(self, chunks: Callable[[], Iterable[torch.Tensor]], k: int, n: int):
+    def __init__(self, chunks: Callable[[], Iterable[torch.Tensor]], k: int, n: int,
+                 scan: "_NativeScan | None" = None):
         self.k, self.n, self.kth, self._offset = k, n, None, 0
         self._tie_positions = torch.empty(0, dtype=torch.int64)  # kept entries equal to the cut
         self._cut = 0.0  # the cut as a magnitude, for hardshrink
         self._exact: torch.Tensor | None = None  # dtypes without a bit ordering: a plain mask, sliced
+        self._key_dtype: torch.dtype | None = None  # the dtype whose bit patterns kth is in
+        self._last_tie: int | None = None  # instead of _tie_positions: ties kept up to this position
         if 0 < k < n:
-            self._find_cut(chunks)
+            if scan is None or not self._cut_from_scan(scan):
+                self._find_cut(chunks)
+
+    def native_cut(self) -> tuple[int, int] | None:
+        """The cut as the fused kernels take it, (k-th largest key, last kept tie's position; -1: none),
+        or None when it is not in float32 keys."""
+        if self.k <= 0:
+            return native.KEEP_NONE_KTH, -1
+        if self.k >= self.n:
+            return native.KEEP_EVERY_KTH, -1
+        if self._exact is not None or self._key_dtype != torch.float32:
+            return None
+        if self._last_tie is not None:
+            return int(self.kth), self._last_tie
+        last = int(self._tie_positions[-1]) if self._tie_positions.numel() else -1
+        return int(self.kth), last
+
+    def _cut_from_scan(self, scan: "_NativeScan") -> bool:
+        """:meth:`_cut_from_sample` done by the fused kernels: a sample of the keys (evenly spaced runs of
+        consecutive positions: one cache line each, where single positions cost a cache miss each), then one
+        pass on all threads that counts the keys above the bracket and collects (or, for few distinct keys,
+        counts) those inside it, and, when the cut splits a run of equal keys, one more to find the last kept
+        one. False (and the torch path) when the bracket does not hold the cut."""
+        n, k = self.n, self.k
+        stride = n // (1 << 16)
+        if stride < 8:
+            return False
+        sample = scan.sample()
+        bracket = _sample_bracket(sample, k / n)
+        if bracket is None:
+            return False
+        lo, hi, share = bracket
+        count_above, keys, histogram = scan.band(lo, hi, share)
+        need = self.k - count_above  # band entries to keep: the largest
+        in_band = int(histogram.sum()) if histogram is not None else keys.numel()
+        if not 0 < need <= in_band:
+            return False
+        if histogram is not None:  # counts of the keys lo..hi
+            from_top = torch.cumsum(histogram.flip(0), 0)
+            j = int(torch.searchsorted(from_top, torch.tensor(need, dtype=from_top.dtype)))
+            kth, greater = hi - j, int(from_top[j - 1]) if j > 0 else 0
+            equal = int(histogram[kth - lo])
+        else:
+            kth = int(torch.kthvalue(keys, keys.numel() - need + 1).values)
+            greater, equal = int(torch.count_nonzero(keys > kth)), int(torch.count_nonzero(keys == kth))
+        ties = need - greater  # of the entries equal to the cut, the first `ties` by position are kept
+        self._last_tie = n if ties == equal else scan.position_of(kth, ties)
+        self.kth = torch.tensor(kth, dtype=torch.int32)
+        self._tie_positions = None
+        self._cut = _key_as_magnitude(kth, torch.float32)
+        self._key_dtype = torch.float32
+        return True
+
+    def _settle(self, count_above: int, keys: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> bool:
+        """The cut from the band's keys (in order of position) and the count of keys above the band."""
+        need = self.k - count_above  # band entries to keep: the largest
+        if not 0 < need <= keys.numel():
+            return False
+        self.kth = torch.kthvalue(keys, keys.numel() - need + 1).values
+        ties = need - int(torch.count_nonzero(keys > self.kth))
+        self._tie_positions = positions[keys == self.kth][:ties]
+        self._cut = _key_as_magnitude(int(self.kth), dtype)
+        self._key_dtype = dtype
+        return True
 
     def _find_cut(self, chunks) -> None:
         first = next(iter(chunks()))
+        self._key_dtype = first.dtype
         if first.dtype not in _MAGNITUDE_BITS:
             magnitude = torch.cat([c.abs().flatten().double() for c in chunks()])
             self._exact = torch.zeros(self.n, dtype=torch.bool, device=first.device)
@@ -243,15 +342,10 @@ class TopMagnitudes:
         if stride < 8:
             return False  # small tensors: the histogram costs little
         sample = torch.cat([_magnitude_keys(c.reshape(-1)[::stride]) for c in chunks()])
-        m, q = sample.numel(), k / n
-        spread = 5.0 * math.sqrt(m * q * (1.0 - q)) + 16.0
-        above_hi, above_lo = int(q * m - spread), int(q * m + spread)  # sample entries above hi, above lo
-        if above_hi < 1 or above_lo >= m:
+        bracket = _sample_bracket(sample, k / n)
+        if bracket is None:
             return False
-        hi = int(torch.kthvalue(sample, m - above_hi).values)
-        lo = int(torch.kthvalue(sample, m - above_lo).values)
-        if lo == 0:
-            return False
+        lo, hi, _ = bracket
         hi_magnitude = _key_as_magnitude(hi, dtype)
         below_lo = _key_as_magnitude(lo - 1, dtype)  # hardshrink keeps |x| > below_lo, i.e. |x| >= lo
         count_above, values, positions, offset = 0, [], [], 0
@@ -264,16 +358,7 @@ class TopMagnitudes:
             values.append(band[at])
             positions.append(at + offset)
             offset += c.numel()
-        in_band = torch.cat(values)
-        need = k - count_above  # band entries to keep: the largest
-        if not 0 < need <= in_band.numel():
-            return False
-        keys, where = _magnitude_keys(in_band), torch.cat(positions)
-        self.kth = torch.kthvalue(keys, keys.numel() - need + 1).values
-        ties = need - int(torch.count_nonzero(keys > self.kth))
-        self._tie_positions = where[keys == self.kth][:ties]
-        self._cut = _key_as_magnitude(int(self.kth), dtype)
-        return True
+        return self._settle(count_above, _magnitude_keys(torch.cat(values)), torch.cat(positions), dtype)
 
     def _cut_from_histogram(self, chunks, first: torch.Tensor) -> None:
         """Find the cut in two passes: a histogram of the top 15 bits of the magnitudes' bit patterns finds
@@ -299,8 +384,13 @@ class TopMagnitudes:
         self._tie_positions = where[in_bin == self.kth][:ties]
         self._cut = _key_as_magnitude(int(self.kth), first.dtype)
 
-    def _ties_in(self, start: int, stop: int) -> torch.Tensor:
+    def _ties_in(self, start: int, stop: int, chunk: torch.Tensor) -> torch.Tensor:
         """Positions (relative to ``start``) of the kept entries equal to the cut that fall in [start, stop)."""
+        if self._last_tie is not None:  # a cut found by the kernels: the ties up to the last kept one
+            if self._last_tie < start:
+                return torch.empty(0, dtype=torch.int64, device=chunk.device)
+            at = torch.nonzero(_magnitude_keys(chunk) == self.kth).flatten()
+            return at[at <= self._last_tie - start]
         positions = self._tie_positions
         lo, hi = (int(torch.searchsorted(positions, v)) for v in (start, stop))
         return positions[lo:hi] - start
@@ -313,7 +403,7 @@ class TopMagnitudes:
         if self._exact is not None:
             return self._exact[start:self._offset].view(chunk.shape)
         keep = _magnitude_keys(chunk) > self.kth
-        ties = self._ties_in(start, self._offset)
+        ties = self._ties_in(start, self._offset, chunk)
         if ties.numel():
             keep[ties] = True
         return keep.view(chunk.shape)
@@ -327,11 +417,27 @@ class TopMagnitudes:
         if self._exact is not None:
             return chunk * self._exact[start:self._offset].view(chunk.shape)
         out = torch.nn.functional.hardshrink(chunk, self._cut)
-        ties = self._ties_in(start, self._offset)
+        ties = self._ties_in(start, self._offset, chunk)
         if ties.numel():
             flat, source = out.view(-1), chunk.reshape(-1)
             flat[ties] = source[ties]
         return out
+
+
+def _sample_bracket(sample: torch.Tensor, q: float) -> tuple[int, int, float] | None:
+    """Keys lo <= hi that hold the entry of rank q·n from the top with overwhelming probability (5 binomial
+    standard deviations of the sample's order statistics), and the share of entries expected between them;
+    None when q is too close to 0 or 1 for the sample to help, or the bracket reaches zero."""
+    m = sample.numel()
+    spread = 5.0 * math.sqrt(m * q * (1.0 - q)) + 16.0
+    above_hi, above_lo = int(q * m - spread), int(q * m + spread)  # sample entries above hi, above lo
+    if above_hi < 1 or above_lo >= m:
+        return None
+    hi = int(torch.kthvalue(sample, m - above_hi).values)
+    lo = int(torch.kthvalue(sample, m - above_lo).values)
+    if lo == 0:
+        return None
+    return lo, hi, (above_lo - above_hi) / m
 
 
 def _key_as_magnitude(key: int, dtype: torch.dtype) -> float:
@@ -406,17 +512,17 @@ def disjoint_merge(task_vectors: list[torch.Tensor], weights: torch.Tensor, sign
     return out
 
 
-def bernoulli_keep(t: torch.Tensor, density: float, generator: torch.Generator, rescale: bool = True) -> torch.Tensor:
-    """DARE (Yu et al., arXiv:2311.03099): keep each entry with probability ``density`` (= 1 − p) and
-    rescale the kept ones by 1/density so the expectation is unchanged."""
+def bernoulli_keep(t: torch.Tensor, density: float, uniforms: torch.Tensor, rescale: bool = True) -> torch.Tensor:
+    """DARE (Yu et al., arXiv:2311.03099): keep each entry with probability ``density`` (= 1 − p), i.e. where
+    its uniform number (:func:`uniform`, as many as ``t`` has entries) is below ``density``, and rescale the
+    kept ones by 1/density so the expectation is unchanged."""
     if density >= 1.0:
         return t.clone()
     if density <= 0.0:
         return torch.zeros_like(t)
-    # keep = rand < density, as a float 1/0: sign(density − rand) clamped at 0 (float operations only: faster
-    # on CPU than a boolean mask; the same draws and the same kept entries).
-    keep = torch.rand(t.shape, generator=generator, device=t.device)
-    keep.neg_().add_(density).sign_().clamp_(min=0)
+    # keep = u < density, as a float 1/0: sign(density − u) clamped at 0 (float operations only: faster on CPU
+    # than a boolean mask; the same kept entries).
+    keep = uniforms.reshape(t.shape).neg().add_(density).sign_().clamp_(min=0)
     out = t * (keep if keep.dtype == t.dtype else keep.to(t.dtype))
     return out.div_(density) if rescale else out
 
@@ -518,7 +624,8 @@ def task_vector(inputs: TensorInputs, model_index: int) -> torch.Tensor:
     vector at a time instead of the N that :meth:`TensorInputs.task_vectors` builds."""
     if inputs.base is None:
         raise MergeplugError(f"{inputs.name}: this merger needs a base_model to take task vectors against")
-    return inputs.models[model_index] - inputs.base
+    dtype = inputs.compute_dtype or inputs.models[model_index].dtype
+    return inputs.models[model_index].to(dtype) - inputs.base.to(dtype)
 
 
 def weighted_sign_election(task_vectors: list[torch.Tensor], weights: torch.Tensor, method: str = "sum") -> torch.Tensor:
@@ -568,7 +675,12 @@ def breadcrumbs_mask(t: torch.Tensor, density: float, gamma: float) -> torch.Ten
     like :func:`topk_mask`, so exactly round(density·n) entries are kept; equal magnitudes are ranked by
     position.
     """
-    return _breadcrumbs_band(_chunks_of(t), t.numel(), density, gamma)(t.reshape(-1)).view_as(t)
+    n = t.numel()
+    n_keep = min(max(int(round(density * n)), 0), n)
+    n_top = min(max(int(round(gamma * n)), 0), n - n_keep)
+    outer, inner = TopMagnitudes(_chunks_of(t), n_top + n_keep, n), TopMagnitudes(_chunks_of(t), n_top, n)
+    flat = t.reshape(-1)
+    return (outer.mask(flat) & ~inner.mask(flat)).view_as(t)
 
 
 def check_magprune(density: float, epsilon: float, where: str) -> None:
@@ -611,10 +723,11 @@ def magprune_keep_probabilities(t: torch.Tensor, density: float, epsilon: float)
     return probabilities.view(t.shape)
 
 
-def magprune(t: torch.Tensor, density: float, epsilon: float, generator: torch.Generator, rescale: bool = True,
+def magprune(t: torch.Tensor, density: float, epsilon: float, uniforms: torch.Tensor, rescale: bool = True,
              where: str = "magprune") -> torch.Tensor:
     """DELLA's MAGPRUNE (arXiv:2406.11617): keep each entry with its rank-based probability p_i
-    (:func:`magprune_keep_probabilities`) and divide the kept ones by p_i, so the expectation is unchanged.
+    (:func:`magprune_keep_probabilities`), i.e. where its uniform number (:func:`uniform`, as many as ``t`` has
+    entries) is below p_i, and divide the kept ones by p_i, so the expectation is unchanged.
 
     density 1 keeps everything and 0 nothing, whatever ε; ε = 0 is DARE (:func:`bernoulli_keep`).
     """
@@ -624,7 +737,7 @@ def magprune(t: torch.Tensor, density: float, epsilon: float, generator: torch.G
         return torch.zeros_like(t)
     check_magprune(density, epsilon, where)
     probs = magprune_keep_probabilities(t, density, epsilon)
-    keep = torch.rand(t.shape, generator=generator, device=t.device) < probs
+    keep = uniforms.reshape(t.shape) < probs
     out = torch.where(keep, t, torch.zeros_like(t))
     return out.div_(probs) if rescale else out
 
@@ -640,9 +753,8 @@ def model_label(inputs: TensorInputs, model_index: int) -> str:
 KeepRule = Callable[[int, torch.Tensor], torch.Tensor]
 
 #: ``prune(model_index, chunk of τ_i) -> pruned chunk``: a method's per-model pruning step, given each model's
-#: chunks in order, each of whole rows (flat); it may overwrite the chunk. DARE and DELLA draw their random
-#: numbers from one generator per model and tensor, chunk after chunk: on the CPU that is the same stream as
-#: one draw over the whole tensor.
+#: chunks in order, each of whole rows (flat); it may overwrite the chunk. A :class:`Pruner` is one that the
+#: fused kernels can run too.
 ChunkPruner = Callable[[int, torch.Tensor], torch.Tensor]
 
 
@@ -652,18 +764,133 @@ def pruned_by(keep: KeepRule) -> ChunkPruner:
     return lambda i, chunk: chunk.mul_(keep(i, chunk))
 
 
+class Pruner:
+    """A :data:`ChunkPruner` that the fused CPU kernels (:mod:`mergeplug.native`) can also run.
+
+    Calling it prunes one model's chunks, in order, with torch operations (any device); :meth:`rule` describes
+    the same pruning to the kernels, which then do the whole merge of a tensor in one pass. Subclasses here:
+    :class:`MagnitudeBand`, :class:`MagnitudeThreshold`, :class:`RandomKeep`, :class:`RankedKeep`.
+    """
+
+    def __call__(self, i: int, chunk: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def rule(self, i: int) -> dict[str, Any] | None:
+        """Model i's rule for the kernels (``kind`` and its numbers), or None: only the torch path can run it."""
+        return None
+
+
+_KEEP_EVERY = (native.KEEP_EVERY_KTH, -1)
+_KEEP_NONE = (native.KEEP_NONE_KTH, -1)
+
+
+class MagnitudeBand(Pruner):
+    """Keep model i's entries that are in the top set of ``outer[i]`` but not in that of ``inner[i]``
+    (:class:`TopMagnitudes`; an outer None keeps every entry, an inner None removes none): TIES' trim is the
+    outer set alone, Model Breadcrumbs' band the difference of two."""
+
+    def __init__(self, outer: list[TopMagnitudes | None], inner: list[TopMagnitudes | None] | None = None):
+        self.outer, self.inner = outer, inner or [None] * len(outer)
+
+    def __call__(self, i: int, chunk: torch.Tensor) -> torch.Tensor:
+        outer, inner = self.outer[i], self.inner[i]
+        if inner is None:
+            return outer.prune(chunk) if outer is not None else chunk
+        removed = inner.prune(chunk)
+        # The inner set lies inside the outer one (ties are kept first by position in both): kept − removed.
+        return (outer.prune(chunk) if outer is not None else chunk).sub_(removed)
+
+    def rule(self, i: int) -> dict[str, Any] | None:
+        outer = self.outer[i].native_cut() if self.outer[i] is not None else _KEEP_EVERY
+        inner = self.inner[i].native_cut() if self.inner[i] is not None else _KEEP_NONE
+        if outer is None or inner is None:
+            return None
+        return {"kind": native.KEEP_BAND, "outer": outer, "inner": inner}
+
+
+class MagnitudeThreshold(Pruner):
+    """Keep model i's entries with |τ_i| >= ``thresholds[i]`` (a threshold found over the whole model)."""
+
+    def __init__(self, thresholds: list[float]):
+        self.thresholds = thresholds
+
+    def __call__(self, i: int, chunk: torch.Tensor) -> torch.Tensor:
+        return chunk.mul_(magnitude_threshold_mask(chunk, self.thresholds[i]))
+
+    def rule(self, i: int) -> dict[str, Any] | None:
+        # torch compares |x| with the threshold rounded to float32: |x| >= t is key(|x|) > key(t) − 1.
+        key = int(torch.tensor([abs(self.thresholds[i])], dtype=torch.float32).view(torch.int32)[0])
+        return {"kind": native.KEEP_BAND, "outer": (key - 1, -1), "inner": _KEEP_NONE}
+
+
+class RandomKeep(Pruner):
+    """DARE's drop (arXiv:2311.03099, :func:`bernoulli_keep`): keep model i's entry at position p where
+    ``uniform(keys[i], p) < densities[i]``, rescaled by 1/density if ``rescale``."""
+
+    def __init__(self, densities: list[float], keys: list[int], rescale: bool = True):
+        self.densities, self.keys, self.rescale = densities, keys, rescale
+        self._offsets = [0] * len(densities)
+
+    def __call__(self, i: int, chunk: torch.Tensor) -> torch.Tensor:
+        start, self._offsets[i] = self._offsets[i], self._offsets[i] + chunk.numel()
+        return bernoulli_keep(chunk, self.densities[i], uniform(self.keys[i], start, chunk.numel(), chunk.device),
+                              self.rescale)
+
+    def rule(self, i: int) -> dict[str, Any] | None:
+        density = self.densities[i]
+        if density >= 1.0:
+            return {"kind": native.KEEP_ALL}
+        if density <= 0.0:
+            return {"kind": native.KEEP_BAND, "outer": _KEEP_NONE, "inner": _KEEP_NONE}
+        return {"kind": native.KEEP_RANDOM, "density": density, "key": self.keys[i]}
+
+
+class RankedKeep(Pruner):
+    """DELLA's MAGPRUNE (arXiv:2406.11617, :func:`magprune`) within rows of ``row`` entries: keep model i's
+    entry at position p where ``uniform(keys[i], p)`` is below its rank-based probability."""
+
+    def __init__(self, densities: list[float], epsilons: list[float], keys: list[int], row: int,
+                 rescale: bool = True, where: list[str] | None = None):
+        self.densities, self.epsilons, self.keys, self.row, self.rescale = densities, epsilons, keys, row, rescale
+        self.where = where or [f"magprune: models[{i}]" for i in range(len(densities))]
+        for d, e, w in zip(densities, epsilons, self.where):
+            check_magprune(d, e, w)
+        self._offsets = [0] * len(densities)
+
+    def __call__(self, i: int, chunk: torch.Tensor) -> torch.Tensor:
+        start, self._offsets[i] = self._offsets[i], self._offsets[i] + chunk.numel()
+        u = uniform(self.keys[i], start, chunk.numel(), chunk.device)
+        return magprune(chunk.view(-1, self.row), self.densities[i], self.epsilons[i], u, self.rescale,
+                        where=self.where[i]).reshape(-1)
+
+    def rule(self, i: int) -> dict[str, Any] | None:
+        density = self.densities[i]
+        if density >= 1.0:
+            return {"kind": native.KEEP_ALL}
+        if density <= 0.0:
+            return {"kind": native.KEEP_BAND, "outer": _KEEP_NONE, "inner": _KEEP_NONE}
+        if self.row < 2:  # a row of one entry keeps with probability density: DARE
+            return {"kind": native.KEEP_RANDOM, "density": density, "key": self.keys[i]}
+        return {"kind": native.KEEP_RANKED, "density": density, "epsilon": self.epsilons[i], "key": self.keys[i]}
+
+
 def task_vector_chunks(inputs: TensorInputs, model_index: int) -> Callable[[], Iterable[torch.Tensor]]:
-    """τ_i = θ_i − θ_base as a re-iterable stream of flat cache-sized chunks (for :class:`TopMagnitudes`)."""
+    """τ_i = θ_i − θ_base as a re-iterable stream of flat cache-sized chunks (for :class:`TopMagnitudes`), in
+    the compute dtype."""
     if inputs.base is None:
         task_vector(inputs, model_index)  # raises the missing-base error
     base, model = inputs.base.reshape(-1), inputs.models[model_index].reshape(-1)
-    return lambda: (model[s:s + ELEMENTWISE_CHUNK] - base[s:s + ELEMENTWISE_CHUNK]
+    dtype = inputs.compute_dtype or model.dtype
+    return lambda: (model[s:s + ELEMENTWISE_CHUNK].to(dtype) - base[s:s + ELEMENTWISE_CHUNK].to(dtype)
                     for s in range(0, base.numel(), ELEMENTWISE_CHUNK))
 
 
 def _top_magnitudes_of(inputs: TensorInputs, densities: list[float]) -> list[TopMagnitudes]:
     n = inputs.models[0].numel()
-    return [TopMagnitudes(task_vector_chunks(inputs, i), int(round(d * n)), n) for i, d in enumerate(densities)]
+    held = _native_inputs(inputs)
+    return [TopMagnitudes(task_vector_chunks(inputs, i), int(round(d * n)), n,
+                          scan=_NativeScan(held, native.SCORE_MAGNITUDE, i) if held else None)
+            for i, d in enumerate(densities)]
 
 
 def top_magnitudes_keep(inputs: TensorInputs, densities: list[float]) -> KeepRule:
@@ -673,61 +900,148 @@ def top_magnitudes_keep(inputs: TensorInputs, densities: list[float]) -> KeepRul
     return lambda i, chunk: tops[i].mask(chunk)
 
 
-def top_magnitudes_prune(inputs: TensorInputs, densities: list[float]) -> ChunkPruner:
+def top_magnitudes_prune(inputs: TensorInputs, densities: list[float]) -> MagnitudeBand:
     """The pruner of :func:`top_magnitudes_keep`: the same entries kept, without a boolean mask (faster)."""
-    tops = _top_magnitudes_of(inputs, densities)
-    return lambda i, chunk: tops[i].prune(chunk)
+    return MagnitudeBand(_top_magnitudes_of(inputs, densities))
 
 
-def _breadcrumbs_band(chunks: Callable[[], Iterable[torch.Tensor]], n: int, density: float, gamma: float):
-    """The kept band of Model Breadcrumbs: top(outliers + kept) minus top(outliers), as a chunk -> mask."""
-    n_keep = min(max(int(round(density * n)), 0), n)
-    n_top = min(max(int(round(gamma * n)), 0), n - n_keep)
-    outer = TopMagnitudes(chunks, n_top + n_keep, n)
-    inner = TopMagnitudes(chunks, n_top, n)
-    return lambda chunk: outer.mask(chunk) & ~inner.mask(chunk)
+def magnitude_threshold_prune(thresholds: list[float]) -> MagnitudeThreshold:
+    """Keep |τ_i| >= ``thresholds[i]`` (TIES' trim over the whole model, arXiv:2306.01708)."""
+    return MagnitudeThreshold(thresholds)
 
 
-def _breadcrumbs_band_prune(chunks: Callable[[], Iterable[torch.Tensor]], n: int, density: float, gamma: float):
-    """:func:`_breadcrumbs_band` as a pruner: the inner set is inside the outer one (ties are kept first by
-    position in both), so the band's values are outer-kept minus inner-kept, float operations only."""
-    n_keep = min(max(int(round(density * n)), 0), n)
-    n_top = min(max(int(round(gamma * n)), 0), n - n_keep)
-    outer = TopMagnitudes(chunks, n_top + n_keep, n)
-    inner = TopMagnitudes(chunks, n_top, n)
-    return lambda chunk: outer.prune(chunk).sub_(inner.prune(chunk))
+def _breadcrumbs_sets(inputs: TensorInputs, densities: list[float], gammas: list[float]):
+    n = inputs.models[0].numel()
+    held = _native_inputs(inputs)
+    outer, inner = [], []
+    for i, (density, gamma) in enumerate(zip(densities, gammas)):
+        n_keep = min(max(int(round(density * n)), 0), n)
+        n_top = min(max(int(round(gamma * n)), 0), n - n_keep)
+        chunks = task_vector_chunks(inputs, i)
+        scan = _NativeScan(held, native.SCORE_MAGNITUDE, i) if held else None
+        outer.append(TopMagnitudes(chunks, n_top + n_keep, n, scan=scan))
+        inner.append(TopMagnitudes(chunks, n_top, n, scan=scan))
+    return outer, inner
 
 
 def breadcrumbs_keep(inputs: TensorInputs, densities: list[float], gammas: list[float]) -> KeepRule:
     """:func:`breadcrumbs_mask` for each model's τ_i, decided a chunk at a time."""
-    n = inputs.models[0].numel()
-    bands = [_breadcrumbs_band(task_vector_chunks(inputs, i), n, d, g)
-             for i, (d, g) in enumerate(zip(densities, gammas))]
-    return lambda i, chunk: bands[i](chunk)
+    outer, inner = _breadcrumbs_sets(inputs, densities, gammas)
+    return lambda i, chunk: outer[i].mask(chunk) & ~inner[i].mask(chunk)
 
 
-def breadcrumbs_prune(inputs: TensorInputs, densities: list[float], gammas: list[float]) -> ChunkPruner:
+def breadcrumbs_prune(inputs: TensorInputs, densities: list[float], gammas: list[float]) -> MagnitudeBand:
     """The pruner of :func:`breadcrumbs_keep`: the same entries kept, without boolean masks (faster)."""
-    n = inputs.models[0].numel()
-    bands = [_breadcrumbs_band_prune(task_vector_chunks(inputs, i), n, d, g)
-             for i, (d, g) in enumerate(zip(densities, gammas))]
-    return lambda i, chunk: bands[i](chunk)
+    return MagnitudeBand(*_breadcrumbs_sets(inputs, densities, gammas))
+
+
+def random_prune(inputs: TensorInputs, densities: list[float], rescale: bool = True) -> RandomKeep:
+    """DARE's drop for each model (:class:`RandomKeep`), its draws keyed by :meth:`TensorInputs.random_key`."""
+    return RandomKeep(densities, [inputs.random_key(i) for i in range(len(inputs.models))], rescale)
+
+
+def magprune_prune(inputs: TensorInputs, densities: list[float], epsilons: list[float], rescale: bool = True,
+                   method: str = "magprune") -> RankedKeep:
+    """DELLA's MAGPRUNE for each model (:class:`RankedKeep`), ranking within the tensor's rows (its last
+    dimension), its draws keyed by :meth:`TensorInputs.random_key`; ``method`` names it in errors."""
+    row = inputs.models[0].shape[-1] if inputs.models[0].dim() else 1
+    where = [f"{method}: {inputs.name}: {model_label(inputs, i)}" for i in range(len(inputs.models))]
+    return RankedKeep(densities, epsilons, [inputs.random_key(i) for i in range(len(inputs.models))], row,
+                      rescale, where)
+
+
+class TopVariance:
+    """The positions where the task vectors differ most across models (SCE's select step, arXiv:2408.07990):
+    the top ``fraction`` of positions by the population variance of τ_i across models, exactly
+    round(fraction·n) of them (ties by position, as :class:`TopMagnitudes`)."""
+
+    def __init__(self, inputs: TensorInputs, fraction: float):
+        self.inputs = inputs
+        size = inputs.base.numel()
+        self._held = _native_inputs(inputs)
+        scan = _NativeScan(self._held, native.SCORE_VARIANCE, 0) if self._held else None
+        self.top = TopMagnitudes(self._variance_chunks, int(round(fraction * size)), size, scan=scan)
+        self._mask: torch.Tensor | None = None
+
+    def _task_vector_chunks(self):
+        inputs = self.inputs
+        dtype = inputs.compute_dtype or inputs.models[0].dtype
+        flat = [t.reshape(-1) for t in (inputs.base, *inputs.models)]
+        for s in range(0, flat[0].numel(), ELEMENTWISE_CHUNK):
+            base = flat[0][s:s + ELEMENTWISE_CHUNK].to(dtype)
+            yield [m[s:s + ELEMENTWISE_CHUNK].to(dtype) - base for m in flat[1:]]
+
+    def _variance_chunks(self):
+        return (variance_across(tvs) for tvs in self._task_vector_chunks())
+
+    def mask(self) -> torch.Tensor:
+        """The selection as a flat boolean tensor (the torch path's)."""
+        if self._mask is None:
+            self._mask = torch.cat([self.top.mask(v) for v in self._variance_chunks()])
+        return self._mask
+
+    def native_cut(self) -> tuple[int, int] | None:
+        return self.top.native_cut()
+
+    def energy(self) -> torch.Tensor:
+        """Σ τ_i² over the selected positions, per model (float64)."""
+        cut = self.native_cut() if self._held is not None else None
+        if cut is not None:
+            held, n = self._held, len(self.inputs.models)
+
+            def part(lo: int, hi: int) -> torch.Tensor:
+                energy = torch.zeros(n, dtype=torch.float64)
+                _check(held.lib.mergeplug_selected_energy(ctypes.byref(held.spec), lo, hi, cut[0], cut[1],
+                                                          energy.data_ptr()))
+                return energy
+            return torch.stack(native.parallel(part, 0, held.numel, held.threads)).sum(0)
+        energy = torch.zeros(len(self.inputs.models), dtype=torch.float64)
+        chosen, offset = self.mask(), 0
+        for tvs in self._task_vector_chunks():
+            here = chosen[offset:offset + tvs[0].numel()]
+            offset += tvs[0].numel()
+            for i, tv in enumerate(tvs):
+                energy[i] += float(tv.masked_fill_(~here, 0).square().sum())
+        return energy
+
+
+def variance_across(task_vectors: list[torch.Tensor]) -> torch.Tensor:
+    """Population variance across models at each position, in two passes of running sums (no N-fold stack)."""
+    n = len(task_vectors)
+    mean = weighted_sum(task_vectors, torch.full((n,), 1.0 / n))
+    variance = torch.zeros_like(mean)
+    for tv in task_vectors:
+        variance += (tv - mean).square()
+    return variance / n
+
+
+class _Erase(Pruner):
+    """Zero every model's entries outside a selection (a flat boolean mask), chunk after chunk."""
+
+    def __init__(self, mask: torch.Tensor, n_models: int):
+        self.mask, self._offsets = mask, [0] * n_models
+
+    def __call__(self, i: int, chunk: torch.Tensor) -> torch.Tensor:
+        start, self._offsets[i] = self._offsets[i], self._offsets[i] + chunk.numel()
+        return chunk.mul_(self.mask[start:self._offsets[i]])
 
 
 def _pruned_chunks(inputs: TensorInputs, prune: ChunkPruner | None, reduce, scale: float | None):
-    """``reduce(τ̂ chunks)`` over aligned chunks of the task vectors, each pruned by ``prune``; with ``scale``,
-    θ_base + scale · reduce(...), in the same pass."""
+    """``reduce(τ̂ chunks)`` over aligned chunks of the task vectors (in the compute dtype), each pruned by
+    ``prune``; with ``scale``, θ_base + scale · reduce(...), in the same pass."""
     if inputs.base is None:
         task_vector(inputs, 0)  # raises the missing-base error
+    dtype = inputs.compute_dtype or inputs.models[0].dtype
 
     def step(part: list[torch.Tensor]) -> torch.Tensor:
+        part = [x.to(dtype) for x in part]
         task_vectors = [model - part[0] for model in part[1:]]
         if prune is not None:
             task_vectors = [prune(i, tv) for i, tv in enumerate(task_vectors)]
         reduced = reduce(task_vectors)
         return reduced if scale is None else torch.add(part[0], reduced, alpha=scale)
 
-    return elementwise_in_chunks(step, [inputs.base, *inputs.models])
+    return elementwise_in_chunks(step, [inputs.base, *inputs.models], dtype=dtype)
 
 
 def summed_task_vectors(inputs: TensorInputs, prune: ChunkPruner | None = None, *, normalize: bool = False,
@@ -737,6 +1051,7 @@ def summed_task_vectors(inputs: TensorInputs, prune: ChunkPruner | None = None, 
 
     normalize=True divides by Σ_i w_i, so weights are relative (mergekit's ``normalize`` of these methods).
     With ``scale`` (λ) the result is the merged tensor θ_base + λ·Σ_i w_i τ̂_i, added in the same pass.
+    On the CPU, with a :class:`Pruner`, the fused kernels do it all in one pass (:mod:`mergeplug.native`).
     """
     weights = inputs.weights("weight")
     total_weight = float(weights.sum())
@@ -752,6 +1067,11 @@ def summed_task_vectors(inputs: TensorInputs, prune: ChunkPruner | None = None, 
         coefficients = torch.tensor([1.0 - sum(factors), *factors], dtype=weights.dtype, device=weights.device)
         return weighted_sum([inputs.base, *inputs.models], coefficients, inputs.compute_dtype)
 
+    fused = _fused_merge(inputs, prune, reduce=native.REDUCE_SUM, weights=weights, normalize=normalize,
+                         weight_total=total_weight, scale=scale)
+    if fused is not None:
+        return fused
+
     def summed(tvs: list[torch.Tensor]) -> torch.Tensor:
         total = weighted_sum(tvs, weights)
         return total.div_(total_weight) if normalize else total
@@ -760,9 +1080,193 @@ def summed_task_vectors(inputs: TensorInputs, prune: ChunkPruner | None = None, 
 
 
 def ties_task_vectors(inputs: TensorInputs, prune: ChunkPruner | None = None, *, sign_method: str = "sum",
-                      normalize: bool = True, scale: float | None = None) -> torch.Tensor:
-    """:func:`ties_merge` of the task vectors pruned by ``prune`` (see :func:`summed_task_vectors`), weighted
-    by ``weight``, a cache-sized chunk at a time; with ``scale`` (λ), θ_base + λ·that."""
-    weights = inputs.weights("weight")
+                      normalize: bool = True, scale: float | None = None, weights: torch.Tensor | None = None,
+                      vote_weights: torch.Tensor | None = None, selection: TopVariance | None = None,
+                      ) -> torch.Tensor:
+    """:func:`ties_merge` of the task vectors pruned by ``prune`` (see :func:`summed_task_vectors`), a
+    cache-sized chunk at a time; with ``scale`` (λ), θ_base + λ·that.
+
+    ``weights`` default to the per-model ``weight`` and the vote to ``weights`` (:func:`ties_merge`); with a
+    ``selection``, every τ_i is first zeroed outside it (SCE's erase).
+    """
+    if sign_method not in ("sum", "count"):
+        raise MergeplugError(f"unknown sign election method {sign_method!r}; known: sum, count")
+    weights = inputs.weights("weight") if weights is None else weights
+    votes = weights if vote_weights is None else vote_weights
+    fused = _fused_merge(inputs, prune, reduce=native.REDUCE_TIES, weights=weights, votes=votes,
+                         sign_count=sign_method == "count", normalize=normalize, scale=scale, selection=selection)
+    if fused is not None:
+        return fused
+    if selection is not None:
+        erase = _Erase(selection.mask(), len(inputs.models))
+        if prune is None:
+            prune = erase
+        else:
+            pruner = prune
+            prune = lambda i, chunk: pruner(i, erase(i, chunk))  # noqa: E731 - erase first, as the kernels
     return _pruned_chunks(
-        inputs, prune, lambda tvs: _elect_and_merge(tvs, weights, weights, sign_method, normalize), scale)
+        inputs, prune, lambda tvs: _elect_and_merge(tvs, weights, votes, sign_method, normalize), scale)
+
+
+# --- the fused kernels' side ---------------------------------------------------------------------------------
+def _check(status: int) -> None:
+    if status != 0:
+        raise MemoryError("mergeplug's fused merge kernels could not allocate their scratch memory")
+
+
+class _NativeInputs:
+    """One tensor's base and models as the kernels see them: contiguous CPU tensors and their addresses."""
+
+    def __init__(self, inputs: TensorInputs, lib):
+        self.lib = lib
+        self.tensors = [t.contiguous() for t in (inputs.base, *inputs.models)]  # alive while the spec is
+        n = len(inputs.models)
+        codes = [native.DTYPE_CODES[str(t.dtype).removeprefix("torch.")] for t in self.tensors]
+        self._models = (ctypes.c_void_p * n)(*[t.data_ptr() for t in self.tensors[1:]])
+        self._dtypes = (ctypes.c_int32 * n)(*codes[1:])
+        self.spec = native.InputsSpec(n, self.tensors[0].data_ptr(), codes[0], self._models, self._dtypes)
+        self.numel = self.tensors[0].numel()
+        self.shape = self.tensors[0].shape
+        self.threads = max(1, torch.get_num_threads())
+
+
+def _native_inputs(inputs: TensorInputs) -> _NativeInputs | None:
+    """The kernels' view of ``inputs``, or None where they do not apply (not CPU, not float32 arithmetic, a
+    dtype other than float32/bfloat16, no base, or no kernels here)."""
+    if inputs.base is None or not inputs.models:
+        return None
+    tensors = [inputs.base, *inputs.models]
+    if (inputs.compute_dtype or inputs.models[0].dtype) != torch.float32:
+        return None
+    if any(t.device.type != "cpu" or t.dtype not in (torch.float32, torch.bfloat16) or t.shape != inputs.base.shape
+           for t in tensors) or inputs.base.numel() == 0:
+        return None
+    lib = native.library()
+    return _NativeInputs(inputs, lib) if lib is not None else None
+
+
+class _NativeScan:
+    """A score at each position of one tensor (|τ_i| of one model, or the variance of τ across models), which
+    the kernels compute on the fly for :class:`TopMagnitudes`."""
+
+    def __init__(self, held: _NativeInputs, kind: int, model: int):
+        self.held, self.kind, self.model = held, kind, model
+
+    #: The sample: this many runs of RUN consecutive positions, evenly spaced (65,536 keys in all).
+    RUNS, RUN = 4096, 16
+
+    def sample(self) -> torch.Tensor:
+        keys = torch.empty(self.RUNS * self.RUN, dtype=torch.int32)
+        _check(self.held.lib.mergeplug_sample_keys(ctypes.byref(self.held.spec), self.kind, self.model,
+                                                   self.held.numel // self.RUNS, self.RUNS, self.RUN,
+                                                   keys.data_ptr()))
+        return keys
+
+    #: Bands of at most this many distinct keys are counted in a histogram rather than collected.
+    HISTOGRAM_KEYS = 1 << 16
+
+    def band(self, lo: int, hi: int, share: float) -> tuple[int, torch.Tensor | None, torch.Tensor | None]:
+        """(how many keys are above hi, the keys in [lo, hi] or None, their histogram over lo..hi or None)."""
+        held, lib = self.held, self.held.lib
+        histogram = hi - lo + 1 <= self.HISTOGRAM_KEYS
+
+        def part(start: int, stop: int, capacity: int | None = None):
+            capacity = capacity or int((stop - start) * share * 1.5) + 4096
+            above = ctypes.c_int64(0)
+            counts = torch.zeros(hi - lo + 2, dtype=torch.int64) if histogram else None  # + keys outside
+            keys = None if histogram else torch.empty(capacity + 1, dtype=torch.int32)  # + a scratch slot
+            found = lib.mergeplug_band_scan(
+                ctypes.byref(held.spec), self.kind, self.model, start, stop, lo, hi, ctypes.byref(above),
+                None if histogram else keys.data_ptr(), 0 if histogram else capacity,
+                counts.data_ptr() if histogram else None)
+            if found < 0:
+                _check(-1)
+            if not histogram and found > capacity:  # more than the sample promised: once more, sized exactly
+                return part(start, stop, found)
+            return above.value, keys[:found] if keys is not None else None, counts[:-1] if histogram else None
+
+        parts = native.parallel(part, 0, held.numel, held.threads)
+        above = sum(p[0] for p in parts)
+        if histogram:
+            return above, None, torch.stack([p[2] for p in parts]).sum(0)
+        return above, torch.cat([p[1] for p in parts]), None
+
+    def position_of(self, key: int, nth: int) -> int:
+        """The position of the ``nth`` (1-based) entry whose score has this key."""
+        held, lib, spec = self.held, self.held.lib, ctypes.byref(self.held.spec)
+        ranges = native.split(0, held.numel, held.threads)
+        counts = native.parallel(lambda lo, hi: lib.mergeplug_find_key(spec, self.kind, self.model, lo, hi, key, 0),
+                                 0, held.numel, held.threads)
+        for (lo, hi), count in zip(ranges, counts):
+            if nth <= count:
+                return int(lib.mergeplug_find_key(spec, self.kind, self.model, lo, hi, key, nth))
+            nth -= count
+        raise AssertionError("fewer entries with this key than counted")
+
+
+def _fused_merge(inputs: TensorInputs, prune: ChunkPruner | None, *, reduce: int, weights: torch.Tensor,
+                 votes: torch.Tensor | None = None, sign_count: bool = False, normalize: bool = False,
+                 weight_total: float = 1.0, scale: float | None = None, selection: TopVariance | None = None,
+                 ) -> torch.Tensor | None:
+    """The merge done by the fused kernels, or None where they cannot do it (the caller then runs torch)."""
+    if prune is not None and not isinstance(prune, Pruner):
+        return None
+    held = _native_inputs(inputs)
+    if held is None:
+        return None
+    n = len(inputs.models)
+    rules = [prune.rule(i) if prune is not None else {"kind": native.KEEP_ALL} for i in range(n)]
+    select = selection.native_cut() if selection is not None else None
+    if any(rule is None for rule in rules) or (selection is not None and select is None):
+        return None
+
+    def ints(values, ctype=ctypes.c_int64):
+        return (ctype * n)(*values)
+
+    spec = native.MergeSpec()
+    spec.inputs = held.spec
+    spec.rule = ints([r["kind"] for r in rules], ctypes.c_int32)
+    spec.outer_kth = ints([r.get("outer", _KEEP_EVERY)[0] for r in rules])
+    spec.outer_last = ints([r.get("outer", _KEEP_EVERY)[1] for r in rules])
+    spec.inner_kth = ints([r.get("inner", _KEEP_NONE)[0] for r in rules])
+    spec.inner_last = ints([r.get("inner", _KEEP_NONE)[1] for r in rules])
+    spec.density = ints([r.get("density", 1.0) for r in rules], ctypes.c_float)
+    spec.rng_key = ints([r.get("key", 0) for r in rules], ctypes.c_uint64)
+    spec.rescale = int(bool(getattr(prune, "rescale", False)))
+    spec.select = int(select is not None)
+    spec.select_kth, spec.select_last = select if select is not None else _KEEP_EVERY
+    spec.reduce = reduce
+    spec.weight = ints([float(w) for w in weights.tolist()], ctypes.c_float)
+    spec.vote = ints([float(v) for v in (votes if votes is not None else weights).tolist()], ctypes.c_float)
+    spec.sign_count, spec.normalize, spec.weight_total = int(sign_count), int(normalize), weight_total
+    spec.add_base, spec.scale = int(scale is not None), 1.0 if scale is None else scale
+    out = torch.empty(held.shape, dtype=torch.float32)
+    spec.out = out.data_ptr()
+    size, threads, lib = held.numel, held.threads, held.lib
+
+    def fused(start: int, stop: int) -> None:
+        _check(lib.mergeplug_fused_merge(ctypes.byref(spec), start, stop))
+
+    ranked = [i for i, rule in enumerate(rules) if rule["kind"] == native.KEEP_RANKED]
+    if not ranked:
+        native.parallel(fused, 0, size, threads)
+        return out
+    # MAGPRUNE ranks within rows: a block of rows at a time, each ranked model's probabilities first.
+    row = held.shape[-1]
+    block_rows = max(1, ELEMENTWISE_CHUNK // row)
+    buffers = {i: torch.empty(min(block_rows, size // row) * row, dtype=torch.float32) for i in ranked}
+    probability = (ctypes.c_void_p * n)(*[buffers[i].data_ptr() if i in buffers else None for i in range(n)])
+    spec.probability = probability
+    for first in range(0, size // row, block_rows):
+        last = min(first + block_rows, size // row)
+        for i in ranked:
+            density, epsilon = rules[i]["density"], rules[i]["epsilon"]
+            slope, offset = epsilon / (row - 1), density - epsilon / 2  # as magprune_keep_probabilities
+
+            def probabilities(lo: int, hi: int, i=i, slope=slope, offset=offset, first=first) -> None:
+                _check(lib.mergeplug_row_probabilities(ctypes.byref(held.spec), i, lo, hi, row, slope, offset,
+                                                       buffers[i].data_ptr() + 4 * (lo - first) * row))
+            native.parallel(probabilities, first, last, threads, grain=max(1, 4096 // row))
+        spec.probability_offset = first * row
+        native.parallel(fused, first * row, last * row, threads)
+    return out

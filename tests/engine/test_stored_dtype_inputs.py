@@ -1,4 +1,4 @@
-"""Mergers with ``stored_dtype_inputs`` (linear, task arithmetic) get bfloat16 inputs as stored and add them
+"""Mergers with ``stored_dtype_inputs`` (linear, task arithmetic, and the pruning family) get bfloat16 inputs as stored and add them
 straight into a float32 accumulator: the merged bytes equal the float32 formula's, cast to bfloat16."""
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def test_linear_and_task_arithmetic_read_bfloat16_as_stored_and_merge_exactly(tm
     base = make_tiny_model(tmp_path / "base", "llama", seed=0, dtype=torch.bfloat16)
     fts = [make_tiny_model(tmp_path / f"ft{i}", base=base, seed=i, dtype=torch.bfloat16) for i in (1, 2)]
     seen = {}
-    for method in ("linear", "task_arithmetic", "ties"):
+    for method in ("linear", "task_arithmetic", "model_stock"):
         cls = Registry().get("merger", method).load()
         original = cls.merge
 
@@ -55,5 +55,7 @@ def test_linear_and_task_arithmetic_read_bfloat16_as_stored_and_merge_exactly(tm
         expected = (b[name].float() * (1 - 2 * 0.5) + f1[name].float() * 0.5 + f2[name].float() * 0.5).to(torch.bfloat16)
         assert torch.equal(merged[name], expected), name
 
-    merge(write_recipe({"method": "ties", "base_model": str(base), "models": models}, "ties.yaml"), tmp_path / "ties")
-    assert seen == {"linear": {torch.bfloat16}, "task_arithmetic": {torch.bfloat16}, "ties": {torch.float32}}
+    merge(write_recipe({"method": "model_stock", "base_model": str(base), "models": models}, "ms.yaml"),
+          tmp_path / "model_stock")  # a merger without stored_dtype_inputs: converted
+    assert seen == {"linear": {torch.bfloat16}, "task_arithmetic": {torch.bfloat16},
+                    "model_stock": {torch.float32}}

@@ -1,5 +1,7 @@
 """dare_linear: random drop with rescale, then task arithmetic (arXiv:2311.03099)."""
 import torch
+
+from mergeplug.merging import uniform
 from torch.testing import assert_close
 
 BASE = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
@@ -9,7 +11,7 @@ TAU2 = torch.tensor([[-2.2, 2.0, -3.0], [-0.5, 0.1, 2.5]])
 
 def dropped(inputs, i, tau, density, rescale=True):
     """DARE by hand: the keep mask drawn from the documented generator, kept entries / density."""
-    keep = torch.rand(tau.shape, generator=inputs.generator(i)) < density
+    keep = uniform(inputs.random_key(i), 0, tau.numel()).view(tau.shape) < density
     kept = torch.where(keep, tau, torch.zeros_like(tau))
     return kept / density if rescale else kept
 

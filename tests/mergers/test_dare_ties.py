@@ -2,7 +2,7 @@
 import torch
 from torch.testing import assert_close
 
-from mergeplug.merging import disjoint_merge, elect_sign
+from mergeplug.merging import disjoint_merge, elect_sign, uniform
 
 BASE = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
 TAU1 = torch.tensor([[3.0, -1.0, 0.5], [-2.0, 0.2, 4.0]])
@@ -10,7 +10,7 @@ TAU2 = torch.tensor([[-2.2, 2.0, -3.0], [-0.5, 0.1, 2.5]])
 
 
 def dropped(inputs, i, tau, density):
-    keep = torch.rand(tau.shape, generator=inputs.generator(i)) < density
+    keep = uniform(inputs.random_key(i), 0, tau.numel()).view(tau.shape) < density
     return torch.where(keep, tau, torch.zeros_like(tau)) / density
 
 

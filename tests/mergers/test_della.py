@@ -2,7 +2,7 @@
 import torch
 from torch.testing import assert_close
 
-from mergeplug.merging import disjoint_merge, elect_sign, magprune_keep_probabilities
+from mergeplug.merging import disjoint_merge, elect_sign, magprune_keep_probabilities, uniform
 
 BASE = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
 TAU1 = torch.tensor([[3.0, -1.0, 0.5], [-2.0, 0.2, 4.0]])
@@ -11,7 +11,7 @@ TAU2 = torch.tensor([[-2.2, 2.0, -3.0], [-0.5, 0.1, 2.5]])
 
 def pruned(inputs, i, tau, density, epsilon):
     probs = magprune_keep_probabilities(tau, density, epsilon)
-    keep = torch.rand(tau.shape, generator=inputs.generator(i)) < probs
+    keep = uniform(inputs.random_key(i), 0, tau.numel()).view(tau.shape) < probs
     return torch.where(keep, tau, torch.zeros_like(tau)) / probs
 
 

@@ -4,7 +4,7 @@ import torch
 from torch.testing import assert_close
 
 from mergeplug import MergeplugError
-from mergeplug.merging import magprune_keep_probabilities
+from mergeplug.merging import magprune_keep_probabilities, uniform
 
 BASE = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
 TAU1 = torch.tensor([[3.0, -1.0, 0.5], [-2.0, 0.2, 4.0]])
@@ -14,7 +14,7 @@ TAU2 = torch.tensor([[-2.2, 2.0, -3.0], [-0.5, 0.1, 2.5]])
 def pruned(inputs, i, tau, density, epsilon, rescale=True):
     """MAGPRUNE by hand: rank-based keep probabilities, draws from the documented generator, kept / p."""
     probs = magprune_keep_probabilities(tau, density, epsilon)
-    keep = torch.rand(tau.shape, generator=inputs.generator(i)) < probs
+    keep = uniform(inputs.random_key(i), 0, tau.numel()).view(tau.shape) < probs
     kept = torch.where(keep, tau, torch.zeros_like(tau))
     return kept / probs if rescale else kept
 

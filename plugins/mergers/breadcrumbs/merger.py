@@ -18,6 +18,7 @@ from mergeplug.merging import Merger, TensorInputs, breadcrumbs_prune, summed_ta
 
 class BreadcrumbsMerger(Merger):
     needs_base = True
+    stored_dtype_inputs = True  # task vectors are taken a block at a time, in float32
 
     def merge(self, inputs: TensorInputs) -> torch.Tensor:
         own = inputs.model_parameters

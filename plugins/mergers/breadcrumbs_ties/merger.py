@@ -15,6 +15,7 @@ from mergeplug.merging import Merger, TensorInputs, breadcrumbs_prune, ties_task
 
 class BreadcrumbsTiesMerger(Merger):
     needs_base = True
+    stored_dtype_inputs = True  # task vectors are taken a block at a time, in float32
 
     def merge(self, inputs: TensorInputs) -> torch.Tensor:
         p = inputs.parameters

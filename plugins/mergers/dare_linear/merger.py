@@ -5,23 +5,19 @@ rate), then θ = θ_base + λ Σ_i w_i τ̂_i. ``rescale: false`` skips the divi
 
 Default density 0.1, i.e. p = 0.9, MergeBench's setting (arXiv:2505.10833); λ = 1 is our choice (plain task
 arithmetic; MergeBench uses 0.4). ``normalize: true`` divides the sum by Σ_i w_i (mergekit's option). Masks come
-only from TensorInputs.generator(model index), seeded by the recipe's seed, the tensor name and the model, so one
+only from TensorInputs.random_key(model index), seeded by the recipe's seed, the tensor name and the model, so one
 seed always gives the same bytes.
 """
 import torch
 
-from mergeplug.merging import Merger, TensorInputs, bernoulli_keep, summed_task_vectors
+from mergeplug.merging import Merger, TensorInputs, random_prune, summed_task_vectors
 
 
 class DareLinearMerger(Merger):
     needs_base = True
+    stored_dtype_inputs = True  # task vectors are taken a block at a time, in float32
 
     def merge(self, inputs: TensorInputs) -> torch.Tensor:
         p = inputs.parameters
-        generators = [inputs.generator(i) for i in range(len(inputs.models))]  # drawn from chunk after chunk
-
-        def drop(i, chunk):
-            density = float(inputs.model_parameters[i]["density"])
-            return bernoulli_keep(chunk, density, generators[i], bool(p["rescale"]))
-
+        drop = random_prune(inputs, [float(m["density"]) for m in inputs.model_parameters], bool(p["rescale"]))
         return summed_task_vectors(inputs, drop, normalize=bool(p["normalize"]), scale=float(p["lambda"]))

@@ -6,24 +6,20 @@ weighted mean (``normalize: true``, TIES' disjoint mean, which the DARE paper ke
 mergekit's dare_ties default and MergeBench's TIES variant); θ = θ_base + λ·merged.
 
 Default density 0.1 (p = 0.9, MergeBench's setting, arXiv:2505.10833); λ = 1 is our choice. Masks come only from
-TensorInputs.generator(model index): one seed, one result.
+TensorInputs.random_key(model index): one seed, one result.
 """
 import torch
 
-from mergeplug.merging import Merger, TensorInputs, bernoulli_keep, ties_task_vectors
+from mergeplug.merging import Merger, TensorInputs, random_prune, ties_task_vectors
 
 
 class DareTiesMerger(Merger):
     needs_base = True
+    stored_dtype_inputs = True  # task vectors are taken a block at a time, in float32
 
     def merge(self, inputs: TensorInputs) -> torch.Tensor:
         p = inputs.parameters
-        generators = [inputs.generator(i) for i in range(len(inputs.models))]  # drawn from chunk after chunk
-
-        def drop(i, chunk):
-            density = float(inputs.model_parameters[i]["density"])
-            return bernoulli_keep(chunk, density, generators[i], bool(p["rescale"]))
-
+        drop = random_prune(inputs, [float(m["density"]) for m in inputs.model_parameters], bool(p["rescale"]))
         return ties_task_vectors(
             inputs, drop, sign_method=p["sign_method"], normalize=p["normalize"],
             scale=float(p["lambda"]),

@@ -8,26 +8,22 @@ TIES' rule) or sum of the entries agreeing with γ; θ = θ_base + λ·merged.
 ε is the paper's window width (the official code's ``window_size``); mergekit's ``epsilon`` is half of it.
 Defaults: density 0.7 and ε 0.14 are the official repository's example run (github.com/declare-lab/della:
 drop rate 0.3, window 0.14); λ = 1 is our choice (that run uses 1.1). Randomness only from
-TensorInputs.generator(model index).
+TensorInputs.random_key(model index).
 """
 import torch
 
-from mergeplug.merging import Merger, TensorInputs, magprune, model_label, ties_task_vectors
+from mergeplug.merging import Merger, TensorInputs, magprune_prune, ties_task_vectors
 
 
 class DellaMerger(Merger):
     needs_base = True
+    stored_dtype_inputs = True  # task vectors are taken a block at a time, in float32
 
     def merge(self, inputs: TensorInputs) -> torch.Tensor:
         p = inputs.parameters
-        generators = [inputs.generator(i) for i in range(len(inputs.models))]  # drawn from chunk after chunk
-        row = inputs.models[0].shape[-1] if inputs.models[0].dim() else 1  # MAGPRUNE ranks within rows
-
-        def prune(i, chunk):
-            params = inputs.model_parameters[i]
-            return magprune(chunk.view(-1, row), float(params["density"]), float(params["epsilon"]), generators[i],
-                            bool(p["rescale"]), where=f"della: {inputs.name}: {model_label(inputs, i)}").reshape(-1)
-
+        own = inputs.model_parameters
+        prune = magprune_prune(inputs, [float(m["density"]) for m in own], [float(m["epsilon"]) for m in own],
+                               bool(p["rescale"]), method="della")
         return ties_task_vectors(
             inputs, prune, sign_method=p["sign_method"], normalize=p["normalize"],
             scale=float(p["lambda"]),

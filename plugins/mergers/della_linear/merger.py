@@ -9,20 +9,16 @@ official repository's example run (github.com/declare-lab/della); λ = 1 is our 
 """
 import torch
 
-from mergeplug.merging import Merger, TensorInputs, magprune, model_label, summed_task_vectors
+from mergeplug.merging import Merger, TensorInputs, magprune_prune, summed_task_vectors
 
 
 class DellaLinearMerger(Merger):
     needs_base = True
+    stored_dtype_inputs = True  # task vectors are taken a block at a time, in float32
 
     def merge(self, inputs: TensorInputs) -> torch.Tensor:
         p = inputs.parameters
-        generators = [inputs.generator(i) for i in range(len(inputs.models))]  # drawn from chunk after chunk
-        row = inputs.models[0].shape[-1] if inputs.models[0].dim() else 1  # MAGPRUNE ranks within rows
-
-        def prune(i, chunk):
-            params = inputs.model_parameters[i]
-            return magprune(chunk.view(-1, row), float(params["density"]), float(params["epsilon"]), generators[i],
-                            bool(p["rescale"]), where=f"della_linear: {inputs.name}: {model_label(inputs, i)}").reshape(-1)
-
+        own = inputs.model_parameters
+        prune = magprune_prune(inputs, [float(m["density"]) for m in own], [float(m["epsilon"]) for m in own],
+                               bool(p["rescale"]), method="della_linear")
         return summed_task_vectors(inputs, prune, normalize=bool(p["normalize"]), scale=float(p["lambda"]))

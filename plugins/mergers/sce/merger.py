@@ -23,20 +23,12 @@ where models leave many positions identical. select_topk 1 selects every positio
 import torch
 
 from mergeplug import MergeplugError
-from mergeplug.merging import (
-    ELEMENTWISE_CHUNK,
-    Merger,
-    TensorInputs,
-    TopMagnitudes,
-    elementwise_in_chunks,
-    task_vector,
-    ties_merge,
-    weighted_sum,
-)
+from mergeplug.merging import Merger, TensorInputs, TopVariance, task_vector, ties_task_vectors
 
 
 class SCE(Merger):
     needs_base = True
+    stored_dtype_inputs = True  # task vectors are taken a block at a time, in float32
 
     def merge(self, inputs: TensorInputs) -> torch.Tensor:
         n = len(inputs.models)
@@ -47,45 +39,12 @@ class SCE(Merger):
             )
         if inputs.base is None:
             task_vector(inputs, 0)  # raises the missing-base error
-        # Every step but the top-k is per position: run them a cache-sized chunk at a time, so no full-size task
-        # vector exists; the selection is kept as one byte per position.
-        size, flat = inputs.base.numel(), [t.reshape(-1) for t in (inputs.base, *inputs.models)]
-        spans = [(s, min(s + ELEMENTWISE_CHUNK, size)) for s in range(0, size, ELEMENTWISE_CHUNK)]
-
-        def task_vectors(span):
-            base = flat[0][span[0]:span[1]]
-            return [m[span[0]:span[1]] - base for m in flat[1:]]
-
-        def variances():
-            return (_variance(task_vectors(span)) for span in spans)
-
-        top = TopMagnitudes(variances, int(round(float(inputs.parameters["select_topk"]) * size)), size)
-        selection = torch.cat([top.mask(v) for v in variances()])
-
-        energy = torch.zeros(n, dtype=torch.float64)
-        for span in spans:
-            chosen = selection[span[0]:span[1]]
-            for i, tv in enumerate(task_vectors(span)):
-                energy[i] += float(tv.masked_fill_(~chosen, 0).square().sum())
+        selection = TopVariance(inputs, float(inputs.parameters["select_topk"]))
+        energy = selection.energy()
         weights = energy / energy.sum() if float(energy.sum()) > 0 else torch.full((n,), 1.0 / n, dtype=torch.float64)
         variant = inputs.parameters["variant"]
-        votes = torch.ones(n, dtype=weights.dtype)  # Erase is TIES' election, one equal vote per model
-
-        def erase_and_merge(part: list[torch.Tensor]) -> torch.Tensor:
-            base, chosen = part[0], part[1]
-            tvs = [m - base for m in part[2:]]
-            if variant != "fusechat":  # FuseChat's fork erases and merges the unselected task vectors
-                tvs = [tv.masked_fill_(~chosen, 0) for tv in tvs]
-            return base + ties_merge(tvs, weights, normalize=variant != "paper", vote_weights=votes)
-
-        return elementwise_in_chunks(erase_and_merge, [inputs.base, selection.view_as(inputs.base), *inputs.models])
-
-
-def _variance(task_vectors: list[torch.Tensor]) -> torch.Tensor:
-    """Population variance across models at each position, in two passes of running sums (no N-fold stack)."""
-    n = len(task_vectors)
-    mean = weighted_sum(task_vectors, torch.full((n,), 1.0 / n))
-    variance = torch.zeros_like(mean)
-    for tv in task_vectors:
-        variance += (tv - mean).square()
-    return variance / n
+        return ties_task_vectors(
+            inputs, None, sign_method="sum", normalize=variant != "paper", scale=1.0, weights=weights,
+            vote_weights=torch.ones(n, dtype=weights.dtype),  # Erase is TIES' election, one equal vote per model
+            selection=None if variant == "fusechat" else selection,  # FuseChat's fork erases nothing
+        )

@@ -18,10 +18,9 @@ from mergeplug.merging import (
     GlobalMagnitudeThreshold,
     Merger,
     TensorInputs,
-    magnitude_threshold_mask,
+    magnitude_threshold_prune,
     model_label,
     task_vector,
-    pruned_by,
     ties_task_vectors,
     top_magnitudes_prune,
 )
@@ -31,6 +30,7 @@ TRIM_SCOPES = ("tensor", "model")
 
 class TiesMerger(Merger):
     needs_base = True
+    stored_dtype_inputs = True  # task vectors are taken a block at a time, in float32
 
     def __init__(self, parameters=None):
         super().__init__(parameters)
@@ -66,9 +66,7 @@ class TiesMerger(Merger):
             if self._thresholds is None or len(self._thresholds) != len(inputs.models):
                 raise MergeplugError(
                     f"ties: {inputs.name}: trim_scope: model needs the engine's pre-pass over every tensor first")
-            thresholds = self._thresholds
-
-            trim = pruned_by(lambda i, chunk: magnitude_threshold_mask(chunk, thresholds[i]))
+            trim = magnitude_threshold_prune(self._thresholds)
         else:
             trim = top_magnitudes_prune(inputs, [float(m["density"]) for m in inputs.model_parameters])
 

@@ -1,0 +1,429 @@
+/* Fused CPU kernels for the merge methods that prune task vectors and combine them (TIES, DARE, Model
+ * Breadcrumbs, DELLA, SCE): mergeplug.native compiles this file once per machine and calls it through ctypes.
+ *
+ * Why: each of these methods is some 15-30 elementwise steps per entry. Done as separate torch operations every
+ * step is a pass over memory and a dispatch; here one loop over a block of entries does them all while the
+ * block sits in the L1 cache. The arithmetic is the one mergeplug.merging's torch code does, step by step
+ * (compiled with -ffp-contract=off; an explicit fmaf stands where torch's add with alpha fuses), so both paths
+ * agree to float32 rounding and keep exactly the same entries.
+ *
+ * Every function works on a range [start, stop) of positions so that Python can split a tensor across threads
+ * (ctypes releases the GIL); the result of a position never depends on how the range was split.
+ * Inputs are float32 (dtype 0) or bfloat16 (dtype 1); arithmetic is float32.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define BLOCK 1024 /* entries per step: n_models + 6 arrays of it stay in a 48 KiB L1 cache for 3-5 models */
+
+enum { DTYPE_F32 = 0, DTYPE_BF16 = 1 };
+enum { KEEP_ALL = 0, KEEP_BAND = 1, KEEP_RANDOM = 2, KEEP_RANKED = 3 };
+enum { REDUCE_SUM = 0, REDUCE_TIES = 1 };
+enum { SCORE_MAGNITUDE = 0, SCORE_VARIANCE = 1 };
+
+int mergeplug_kernels_version(void) { return 4; }
+
+static void load_block(const void *src, int32_t dtype, int64_t start, int64_t count, float *dst) {
+    if (dtype == DTYPE_F32) {
+        memcpy(dst, (const float *)src + start, (size_t)count * sizeof(float));
+    } else { /* bfloat16 is the top half of a float32 */
+        const uint16_t *s = (const uint16_t *)src + start;
+        uint32_t *d = (uint32_t *)dst;
+        for (int64_t j = 0; j < count; j++) d[j] = (uint32_t)s[j] << 16;
+    }
+}
+
+/* |x| as an integer ordered like |x| (the float's bits with the sign cleared), as torch's _magnitude_keys. */
+static inline int64_t key_of(float x) {
+    uint32_t u;
+    memcpy(&u, &x, sizeof u);
+    return (int64_t)(u & 0x7FFFFFFFu);
+}
+
+/* The top-k rule of mergeplug.merging.TopMagnitudes: kept when the key is above the k-th largest key, or equal
+ * to it at a position up to the last kept tie. Keep all: kth = -1; keep none: kth = INT64_MAX. */
+static inline int above(int64_t key, int64_t position, int64_t kth, int64_t last_tie) {
+    return key > kth || (key == kth && position <= last_tie);
+}
+
+static inline float sign_of(float x) { return (float)((x > 0.0f) - (x < 0.0f)); }
+
+/* Counter-based uniform numbers: u(key, position) in [0, 1) with 24 bits, the same function as
+ * mergeplug.merging.uniform (two rounds of a 32-bit integer hash). */
+static inline uint32_t mix32(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x21F0AAADu;
+    x ^= x >> 15;
+    x *= 0x735A2D97u;
+    x ^= x >> 15;
+    return x;
+}
+
+static inline float uniform_at(uint64_t key, uint64_t position) {
+    uint32_t h = mix32((uint32_t)position ^ (uint32_t)key);
+    h = mix32(h ^ (uint32_t)(position >> 32) ^ (uint32_t)(key >> 32));
+    return (float)(h >> 8) * (1.0f / 16777216.0f);
+}
+
+void mergeplug_uniform(uint64_t key, int64_t start, int64_t count, float *out) {
+    for (int64_t j = 0; j < count; j++) out[j] = uniform_at(key, (uint64_t)(start + j));
+}
+
+typedef struct {
+    int64_t n_models;
+    const void *base;
+    int32_t base_dtype;
+    const void *const *models;
+    const int32_t *model_dtypes;
+} inputs_spec;
+
+/* Per position: the score whose top entries a selection keeps (|τ_i| of one model, or the population variance
+ * of τ across models, as SCE's), for `count` positions from `start`. tv: n_models * BLOCK floats of scratch. */
+static void scores_block(const inputs_spec *in, int32_t kind, int64_t model, int64_t start, int64_t count,
+                         float *b, float *tv, float *score) {
+    load_block(in->base, in->base_dtype, start, count, b);
+    if (kind == SCORE_MAGNITUDE) {
+        load_block(in->models[model], in->model_dtypes[model], start, count, score);
+        for (int64_t j = 0; j < count; j++) score[j] = score[j] - b[j];
+        return;
+    }
+    int64_t n = in->n_models;
+    float w = (float)(1.0 / (double)n);
+    for (int64_t i = 0; i < n; i++) {
+        float *t = tv + i * BLOCK;
+        load_block(in->models[i], in->model_dtypes[i], start, count, t);
+        for (int64_t j = 0; j < count; j++) t[j] = t[j] - b[j];
+    }
+    /* mean = Σ τ_i/n as weighted_sum does it (a product, then fused adds); variance = Σ (τ_i − mean)² / n */
+    float *mean = b; /* the base is no longer needed */
+    for (int64_t j = 0; j < count; j++) mean[j] = tv[j] * w;
+    for (int64_t i = 1; i < n; i++) {
+        const float *t = tv + i * BLOCK;
+        for (int64_t j = 0; j < count; j++) mean[j] = fmaf(t[j], w, mean[j]);
+    }
+    for (int64_t j = 0; j < count; j++) score[j] = 0.0f;
+    for (int64_t i = 0; i < n; i++) {
+        const float *t = tv + i * BLOCK;
+        for (int64_t j = 0; j < count; j++) {
+            float d = t[j] - mean[j];
+            score[j] = score[j] + d * d;
+        }
+    }
+    float nf = (float)n;
+    for (int64_t j = 0; j < count; j++) score[j] = score[j] / nf;
+}
+
+static float *scratch(int64_t n_models) {
+    return (float *)malloc((size_t)(n_models + 3) * BLOCK * sizeof(float));
+}
+
+/* Keys of the score in `runs` runs of `run` consecutive positions, run r starting at r · stride: the sample
+ * that brackets a cut. Runs, not single positions: a position alone costs a cache miss per input. */
+int mergeplug_sample_keys(const inputs_spec *in, int32_t kind, int64_t model, int64_t stride, int64_t runs,
+                          int64_t run, int32_t *out) {
+    float *buf = scratch(in->n_models);
+    if (!buf || run > BLOCK) {
+        free(buf);
+        return -1;
+    }
+    float *b = buf, *score = buf + BLOCK, *tv = buf + 2 * BLOCK;
+    for (int64_t r = 0; r < runs; r++) {
+        scores_block(in, kind, model, r * stride, run, b, tv, score);
+        for (int64_t j = 0; j < run; j++) out[r * run + j] = (int32_t)key_of(score[j]);
+    }
+    free(buf);
+    return 0;
+}
+
+/* One pass over [start, stop): count the keys above hi, and collect the keys in [lo, hi] (up to capacity; the
+ * return value is how many there were, so a caller sees an overflow). With `histogram` non-NULL the keys in
+ * the band are counted there instead (histogram[k − lo], hi − lo + 2 entries, zeroed by the caller; the last counts the keys outside): for
+ * bands of few distinct keys, as task vectors of bfloat16 weights have. */
+int64_t mergeplug_band_scan(const inputs_spec *in, int32_t kind, int64_t model, int64_t start, int64_t stop,
+                            int64_t lo, int64_t hi, int64_t *count_above, int32_t *keys_out, int64_t capacity,
+                            int64_t *histogram) {
+    float *buf = scratch(in->n_models);
+    if (!buf) return -1;
+    float *b = buf, *score = buf + BLOCK, *tv = buf + 2 * BLOCK;
+    int64_t found = 0, high = 0;
+    uint64_t width = (uint64_t)(hi - lo);
+    int64_t spill = histogram ? (int64_t)width + 1 : 0; /* histogram slot for keys outside the band */
+    for (int64_t s = start; s < stop; s += BLOCK) {
+        int64_t m = stop - s < BLOCK ? stop - s : BLOCK;
+        scores_block(in, kind, model, s, m, b, tv, score);
+        /* Branch-free: a band of few distinct keys holds many entries, and a branch on it mispredicts. */
+        for (int64_t j = 0; j < m; j++) high += key_of(score[j]) > hi;
+        if (histogram) {
+            for (int64_t j = 0; j < m; j++) {
+                uint64_t offset = (uint64_t)(key_of(score[j]) - lo);
+                histogram[offset <= width ? (int64_t)offset : spill]++;
+            }
+        } else {
+            for (int64_t j = 0; j < m; j++) {
+                int64_t k = key_of(score[j]);
+                keys_out[found < capacity ? found : capacity] = (int32_t)k; /* slot `capacity`: scratch */
+                found += (uint64_t)(k - lo) <= width;
+            }
+        }
+    }
+    if (histogram) {
+        found = 0;
+        for (uint64_t v = 0; v <= width; v++) found += histogram[v];
+    }
+    free(buf);
+    *count_above = high;
+    return found;
+}
+
+/* How many positions of [start, stop) have this key; with nth > 0, the position of the nth of them instead
+ * (-1 when there are fewer). */
+int64_t mergeplug_find_key(const inputs_spec *in, int32_t kind, int64_t model, int64_t start, int64_t stop,
+                           int64_t key, int64_t nth) {
+    float *buf = scratch(in->n_models);
+    if (!buf) return -2;
+    float *b = buf, *score = buf + BLOCK, *tv = buf + 2 * BLOCK;
+    int64_t seen = 0, result = -1;
+    for (int64_t s = start; s < stop && result < 0; s += BLOCK) {
+        int64_t m = stop - s < BLOCK ? stop - s : BLOCK;
+        scores_block(in, kind, model, s, m, b, tv, score);
+        int64_t here = 0;
+        for (int64_t j = 0; j < m; j++) here += key_of(score[j]) == key;
+        if (nth > 0 && seen + here >= nth) { /* the nth is in this block: find it */
+            for (int64_t j = 0; j < m; j++) {
+                seen += key_of(score[j]) == key;
+                if (seen == nth) {
+                    result = s + j;
+                    break;
+                }
+            }
+        } else {
+            seen += here;
+        }
+    }
+    free(buf);
+    return nth > 0 ? result : seen;
+}
+
+/* Σ τ_i² over the selected positions, per model (SCE's energy), in double. */
+int mergeplug_selected_energy(const inputs_spec *in, int64_t start, int64_t stop, int64_t kth, int64_t last_tie,
+                              double *energy) {
+    float *buf = scratch(in->n_models);
+    if (!buf) return -1;
+    float *b = buf, *score = buf + BLOCK, *tv = buf + 2 * BLOCK;
+    for (int64_t i = 0; i < in->n_models; i++) energy[i] = 0.0;
+    for (int64_t s = start; s < stop; s += BLOCK) {
+        int64_t m = stop - s < BLOCK ? stop - s : BLOCK;
+        scores_block(in, SCORE_VARIANCE, 0, s, m, b, tv, score);
+        for (int64_t i = 0; i < in->n_models; i++) {
+            const float *t = tv + i * BLOCK;
+            double e = 0.0;
+            for (int64_t j = 0; j < m; j++)
+                if (above(key_of(score[j]), s + j, kth, last_tie)) e += (double)t[j] * (double)t[j];
+            energy[i] += e;
+        }
+    }
+    free(buf);
+    return 0;
+}
+
+/* DELLA's MAGPRUNE keep probabilities for rows [row_start, row_stop) of one model's τ (rows of row_length):
+ * the stable rank r of |τ| within its row (0 for the smallest), as a float times a, plus c. Ranks come from a
+ * stable least-significant-digit radix sort of the 31-bit keys (digits of 11, 11 and 9 bits; a digit that all
+ * keys share is skipped). out holds (row_stop − row_start) · row_length floats. */
+int mergeplug_row_probabilities(const inputs_spec *in, int64_t model, int64_t row_start, int64_t row_stop,
+                                int64_t row_length, float a, float c, float *out) {
+    int64_t n = row_length;
+    float *b = (float *)malloc((size_t)n * sizeof(float));
+    float *t = (float *)malloc((size_t)n * sizeof(float));
+    uint32_t *keys = (uint32_t *)malloc((size_t)n * sizeof(uint32_t));
+    uint32_t *order = (uint32_t *)malloc((size_t)n * sizeof(uint32_t));
+    uint32_t *spare = (uint32_t *)malloc((size_t)n * sizeof(uint32_t));
+    uint32_t *counts = (uint32_t *)malloc((2048 + 2048 + 512) * sizeof(uint32_t));
+    if (!b || !t || !keys || !order || !spare || !counts) {
+        free(b); free(t); free(keys); free(order); free(spare); free(counts);
+        return -1;
+    }
+    static const int shift[3] = {0, 11, 22};
+    static const int width[3] = {2048, 2048, 512};
+    uint32_t *hist[3] = {counts, counts + 2048, counts + 4096};
+    for (int64_t row = row_start; row < row_stop; row++) {
+        int64_t start = row * n;
+        load_block(in->base, in->base_dtype, start, n, b);
+        load_block(in->models[model], in->model_dtypes[model], start, n, t);
+        memset(counts, 0, (2048 + 2048 + 512) * sizeof(uint32_t));
+        for (int64_t j = 0; j < n; j++) {
+            uint32_t k = (uint32_t)key_of(t[j] - b[j]);
+            keys[j] = k;
+            order[j] = (uint32_t)j;
+            hist[0][k & 2047u]++;
+            hist[1][(k >> 11) & 2047u]++;
+            hist[2][k >> 22]++;
+        }
+        uint32_t *src = order, *dst = spare;
+        for (int d = 0; d < 3; d++) {
+            uint32_t *h = hist[d], total = 0;
+            int shared = 0;
+            for (int v = 0; v < width[d]; v++) {
+                if (h[v] == (uint32_t)n) shared = 1;
+                uint32_t here = h[v];
+                h[v] = total; /* counts become each digit's first slot */
+                total += here;
+            }
+            if (shared) continue; /* every key has this digit: the order stands */
+            uint32_t mask = (uint32_t)width[d] - 1u;
+            for (int64_t r = 0; r < n; r++) {
+                uint32_t j = src[r];
+                dst[h[(keys[j] >> shift[d]) & mask]++] = j;
+            }
+            uint32_t *swap = src; src = dst; dst = swap;
+        }
+        float *row_out = out + (row - row_start) * n;
+        for (int64_t r = 0; r < n; r++) {
+            float p = (float)r * a;
+            row_out[src[r]] = p + c;
+        }
+    }
+    free(b); free(t); free(keys); free(order); free(spare); free(counts);
+    return 0;
+}
+
+typedef struct {
+    inputs_spec in;
+    /* per model: how its task vector is pruned */
+    const int32_t *rule;
+    const int64_t *outer_kth, *outer_last, *inner_kth, *inner_last; /* KEEP_BAND: above outer and not inner */
+    const float *density;                                           /* KEEP_RANDOM: keep probability */
+    const uint64_t *rng_key;                                        /* KEEP_RANDOM, KEEP_RANKED */
+    const float *const *probability; /* KEEP_RANKED: entry at position p is probability[i][p − probability_offset] */
+    int64_t probability_offset;
+    int32_t rescale;                 /* divide kept entries by their keep probability */
+    /* an optional selection shared by all models (SCE): positions whose variance across models is in the top */
+    int32_t select;
+    int64_t select_kth, select_last;
+    /* how the pruned task vectors are combined */
+    int32_t reduce;                  /* REDUCE_SUM: Σ w_i τ̂_i (÷ weight_total if normalize); REDUCE_TIES */
+    const float *weight, *vote;
+    int32_t sign_count;              /* TIES election: 0 sign of Σ vote_i τ̂_i; 1 majority of signs */
+    int32_t normalize;
+    float weight_total;
+    int32_t add_base;                /* out = base + scale · reduced (else the reduced task vector) */
+    float scale;
+    float *out;
+} merge_spec;
+
+static void prune_block(const merge_spec *sp, int64_t i, int64_t s, int64_t m, float *t, float *u) {
+    int32_t rule = sp->rule[i];
+    if (rule == KEEP_BAND) {
+        int64_t ok = sp->outer_kth[i], ol = sp->outer_last[i], ik = sp->inner_kth[i], il = sp->inner_last[i];
+        for (int64_t j = 0; j < m; j++) {
+            int64_t k = key_of(t[j]);
+            int keep = above(k, s + j, ok, ol) & !above(k, s + j, ik, il);
+            t[j] = keep ? t[j] : 0.0f;
+        }
+    } else if (rule == KEEP_RANDOM) {
+        float d = sp->density[i];
+        uint64_t key = sp->rng_key[i];
+        for (int64_t j = 0; j < m; j++) u[j] = uniform_at(key, (uint64_t)(s + j));
+        for (int64_t j = 0; j < m; j++) {
+            float keep = u[j] < d ? 1.0f : 0.0f;
+            t[j] = t[j] * keep;
+        }
+        if (sp->rescale)
+            for (int64_t j = 0; j < m; j++) t[j] = t[j] / d;
+    } else if (rule == KEEP_RANKED) {
+        const float *p = sp->probability[i] + (s - sp->probability_offset);
+        uint64_t key = sp->rng_key[i];
+        for (int64_t j = 0; j < m; j++) u[j] = uniform_at(key, (uint64_t)(s + j));
+        if (sp->rescale) {
+            for (int64_t j = 0; j < m; j++) t[j] = u[j] < p[j] ? t[j] / p[j] : 0.0f;
+        } else {
+            for (int64_t j = 0; j < m; j++) t[j] = u[j] < p[j] ? t[j] : 0.0f;
+        }
+    }
+}
+
+/* The merged (or reduced) values of positions [start, stop): prune each τ_i, combine, add to the base. */
+int mergeplug_fused_merge(const merge_spec *sp, int64_t start, int64_t stop) {
+    const inputs_spec *in = &sp->in;
+    int64_t n = in->n_models;
+    float *buf = (float *)malloc((size_t)(n + 6) * BLOCK * sizeof(float));
+    if (!buf) return -1;
+    float *b = buf, *acc = buf + BLOCK, *aux = buf + 2 * BLOCK, *total = buf + 3 * BLOCK,
+          *u = buf + 4 * BLOCK, *score = buf + 5 * BLOCK, *tv = buf + 6 * BLOCK;
+    for (int64_t s = start; s < stop; s += BLOCK) {
+        int64_t m = stop - s < BLOCK ? stop - s : BLOCK;
+        if (sp->select) {
+            scores_block(in, SCORE_VARIANCE, 0, s, m, b, tv, score); /* leaves τ_i in tv, overwrites b */
+            load_block(in->base, in->base_dtype, s, m, b);
+            for (int64_t j = 0; j < m; j++) u[j] = above(key_of(score[j]), s + j, sp->select_kth, sp->select_last);
+            for (int64_t i = 0; i < n; i++) {
+                float *t = tv + i * BLOCK;
+                for (int64_t j = 0; j < m; j++) t[j] = u[j] != 0.0f ? t[j] : 0.0f;
+            }
+        } else {
+            load_block(in->base, in->base_dtype, s, m, b);
+            for (int64_t i = 0; i < n; i++) {
+                float *t = tv + i * BLOCK;
+                load_block(in->models[i], in->model_dtypes[i], s, m, t);
+                for (int64_t j = 0; j < m; j++) t[j] = t[j] - b[j];
+            }
+        }
+        for (int64_t i = 0; i < n; i++) prune_block(sp, i, s, m, tv + i * BLOCK, u);
+
+        if (sp->reduce == REDUCE_SUM) { /* weighted_sum: a product, then fused adds */
+            float w0 = sp->weight[0];
+            for (int64_t j = 0; j < m; j++) acc[j] = tv[j] * w0;
+            for (int64_t i = 1; i < n; i++) {
+                const float *t = tv + i * BLOCK;
+                float w = sp->weight[i];
+                for (int64_t j = 0; j < m; j++) acc[j] = fmaf(t[j], w, acc[j]);
+            }
+            if (sp->normalize)
+                for (int64_t j = 0; j < m; j++) acc[j] = acc[j] / sp->weight_total;
+        } else { /* TIES: elect a sign, then the disjoint sum or mean of the entries that agree with it */
+            for (int64_t j = 0; j < m; j++) total[j] = 0.0f;
+            for (int64_t i = 0; i < n; i++) {
+                const float *t = tv + i * BLOCK;
+                float v = sp->vote[i];
+                if (sp->sign_count) {
+                    if (v == 0.0f) continue;
+                    float unit = v > 0.0f ? 1.0f : -1.0f;
+                    for (int64_t j = 0; j < m; j++) total[j] = fmaf(sign_of(t[j]), unit, total[j]);
+                } else {
+                    for (int64_t j = 0; j < m; j++) total[j] = fmaf(t[j], v, total[j]);
+                }
+            }
+            for (int64_t j = 0; j < m; j++) {
+                total[j] = sign_of(total[j]);
+                acc[j] = 0.0f;
+                aux[j] = 0.0f;
+            }
+            for (int64_t i = 0; i < n; i++) {
+                const float *t = tv + i * BLOCK;
+                float w = sp->weight[i];
+                for (int64_t j = 0; j < m; j++) {
+                    float agreement = t[j] * total[j];
+                    agreement = agreement < 0.0f ? 0.0f : agreement;
+                    if (sp->normalize) aux[j] = fmaf(sign_of(agreement), w, aux[j]);
+                    acc[j] = fmaf(agreement, w, acc[j]);
+                }
+            }
+            for (int64_t j = 0; j < m; j++) acc[j] = acc[j] * total[j];
+            if (sp->normalize)
+                for (int64_t j = 0; j < m; j++) {
+                    float norm = aux[j] + (-fabsf(sign_of(aux[j])) + 1.0f);
+                    acc[j] = acc[j] / norm;
+                }
+        }
+        float *o = sp->out + s;
+        if (sp->add_base) {
+            for (int64_t j = 0; j < m; j++) o[j] = fmaf(acc[j], sp->scale, b[j]);
+        } else {
+            memcpy(o, acc, (size_t)m * sizeof(float));
+        }
+    }
+    free(buf);
+    return 0;
+}
