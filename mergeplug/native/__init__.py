@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 SWITCH_ENV = "MERGEPLUG_NATIVE"
-KERNELS_VERSION = 4  # kernels.c's mergeplug_kernels_version(): a cached library of another is rebuilt
+KERNELS_VERSION = 9  # kernels.c's mergeplug_kernels_version(): a cached library of another is rebuilt
 CACHE_ENV = "MERGEPLUG_CACHE"
 SOURCE = Path(__file__).with_name("kernels.c")
 #: -ffp-contract=off: no multiply-add is fused unless the source says so, so the arithmetic is torch's, step
@@ -110,6 +110,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "mergeplug_uniform": ([ctypes.c_uint64, c_i64, c_i64, c_vp], None),
         "mergeplug_sample_keys": ([spec, c_i32, c_i64, c_i64, c_i64, c_i64, c_vp], ctypes.c_int),
         "mergeplug_band_scan": ([spec, c_i32, c_i64, c_i64, c_i64, c_i64, c_i64, _i64p, c_vp, c_i64, c_vp], c_i64),
+        "mergeplug_touch": ([c_vp, c_i64], c_i64),
         "mergeplug_find_key": ([spec, c_i32, c_i64, c_i64, c_i64, c_i64, c_i64], c_i64),
         "mergeplug_selected_energy": ([spec, c_i64, c_i64, c_i64, c_i64, c_vp], ctypes.c_int),
         "mergeplug_row_probabilities": ([spec, c_i64, c_i64, c_i64, c_i64, c_f32, c_f32, c_vp], ctypes.c_int),
@@ -154,11 +155,13 @@ def available() -> bool:
 
 
 def _executor(threads: int) -> ThreadPoolExecutor:
-    pool = _state.get("pool")
-    if pool is None or _state.get("pool_threads") != threads:
-        pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mergeplug-native")
-        _state["pool"], _state["pool_threads"] = pool, threads
-    return pool  # type: ignore[return-value]
+    """One pool per process and thread count: a forked child (whose copy of the pool has no threads) makes
+    its own."""
+    key = (os.getpid(), threads)
+    if _state.get("pool_key") != key:
+        _state["pool"] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="mergeplug-native")
+        _state["pool_key"] = key
+    return _state["pool"]  # type: ignore[return-value]
 
 
 def split(start: int, stop: int, threads: int, grain: int = 1 << 16) -> list[tuple[int, int]]:

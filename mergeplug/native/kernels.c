@@ -23,7 +23,7 @@ enum { KEEP_ALL = 0, KEEP_BAND = 1, KEEP_RANDOM = 2, KEEP_RANKED = 3 };
 enum { REDUCE_SUM = 0, REDUCE_TIES = 1 };
 enum { SCORE_MAGNITUDE = 0, SCORE_VARIANCE = 1 };
 
-int mergeplug_kernels_version(void) { return 4; }
+int mergeplug_kernels_version(void) { return 9; }
 
 static void load_block(const void *src, int32_t dtype, int64_t start, int64_t count, float *dst) {
     if (dtype == DTYPE_F32) {
@@ -69,6 +69,15 @@ static inline float uniform_at(uint64_t key, uint64_t position) {
 
 void mergeplug_uniform(uint64_t key, int64_t start, int64_t count, float *out) {
     for (int64_t j = 0; j < count; j++) out[j] = uniform_at(key, (uint64_t)(start + j));
+}
+
+/* Read one byte of every page of [p, p + bytes), in order: an input that is still a file mapping is then
+ * faulted in sequentially (the kernel reads ahead), not page by page in the order a sample visits it. */
+int64_t mergeplug_touch(const void *p, int64_t bytes) {
+    const volatile uint8_t *b = (const volatile uint8_t *)p;
+    int64_t sum = 0;
+    for (int64_t at = 0; at < bytes; at += 4096) sum += b[at];
+    return sum;
 }
 
 typedef struct {
@@ -228,64 +237,74 @@ int mergeplug_selected_energy(const inputs_spec *in, int64_t start, int64_t stop
     return 0;
 }
 
+/* Stable ranks of keys[0..n) (0 for the smallest; equal keys by position) into rank[]: a stable least-
+ * significant-digit radix sort of (key, position) packed into 64 bits, on the 31-bit key's digits of 11, 11
+ * and 9 bits (a digit all keys share is skipped). Packing makes each step one load, not an index and a key. */
+static void radix_ranks(const uint32_t *keys, int64_t n, uint64_t *packed, uint64_t *spare, uint32_t *counts,
+                        uint32_t *rank) {
+    static const int shift[3] = {0, 11, 22};
+    static const int width[3] = {2048, 2048, 512};
+    uint32_t *hist[3] = {counts, counts + 2048, counts + 4096};
+    memset(counts, 0, (2048 + 2048 + 512) * sizeof(uint32_t));
+    for (int64_t j = 0; j < n; j++) {
+        uint32_t k = keys[j];
+        packed[j] = ((uint64_t)k << 32) | (uint64_t)j;
+        hist[0][k & 2047u]++;
+        hist[1][(k >> 11) & 2047u]++;
+        hist[2][k >> 22]++;
+    }
+    uint64_t *src = packed, *dst = spare;
+    for (int d = 0; d < 3; d++) {
+        uint32_t *h = hist[d], total = 0;
+        int shared = 0;
+        for (int v = 0; v < width[d]; v++) {
+            if (h[v] == (uint32_t)n) shared = 1;
+            uint32_t here = h[v];
+            h[v] = total; /* counts become each digit's first slot */
+            total += here;
+        }
+        if (shared) continue; /* every key has this digit: the order stands */
+        uint32_t mask = (uint32_t)width[d] - 1u;
+        int sh = shift[d] + 32;
+        for (int64_t r = 0; r < n; r++) {
+            uint64_t x = src[r];
+            dst[h[(x >> sh) & mask]++] = x;
+        }
+        uint64_t *swap = src; src = dst; dst = swap;
+    }
+    for (int64_t r = 0; r < n; r++) rank[(uint32_t)src[r]] = (uint32_t)r;
+}
+
 /* DELLA's MAGPRUNE keep probabilities for rows [row_start, row_stop) of one model's τ (rows of row_length):
- * the stable rank r of |τ| within its row (0 for the smallest), as a float times a, plus c. Ranks come from a
- * stable least-significant-digit radix sort of the 31-bit keys (digits of 11, 11 and 9 bits; a digit that all
- * keys share is skipped). out holds (row_stop − row_start) · row_length floats. */
+ * the stable rank r of |τ| within its row (0 for the smallest), as a float times a, plus c, as torch's
+ * argsort-based magprune_keep_probabilities computes it. out holds (row_stop − row_start) · row_length floats. */
 int mergeplug_row_probabilities(const inputs_spec *in, int64_t model, int64_t row_start, int64_t row_stop,
                                 int64_t row_length, float a, float c, float *out) {
     int64_t n = row_length;
     float *b = (float *)malloc((size_t)n * sizeof(float));
     float *t = (float *)malloc((size_t)n * sizeof(float));
     uint32_t *keys = (uint32_t *)malloc((size_t)n * sizeof(uint32_t));
-    uint32_t *order = (uint32_t *)malloc((size_t)n * sizeof(uint32_t));
-    uint32_t *spare = (uint32_t *)malloc((size_t)n * sizeof(uint32_t));
+    uint32_t *rank = (uint32_t *)malloc((size_t)n * sizeof(uint32_t));
+    uint64_t *packed = (uint64_t *)malloc((size_t)n * sizeof(uint64_t));
+    uint64_t *spare = (uint64_t *)malloc((size_t)n * sizeof(uint64_t));
     uint32_t *counts = (uint32_t *)malloc((2048 + 2048 + 512) * sizeof(uint32_t));
-    if (!b || !t || !keys || !order || !spare || !counts) {
-        free(b); free(t); free(keys); free(order); free(spare); free(counts);
+    if (!b || !t || !keys || !rank || !packed || !spare || !counts) {
+        free(b); free(t); free(keys); free(rank); free(packed); free(spare); free(counts);
         return -1;
     }
-    static const int shift[3] = {0, 11, 22};
-    static const int width[3] = {2048, 2048, 512};
-    uint32_t *hist[3] = {counts, counts + 2048, counts + 4096};
     for (int64_t row = row_start; row < row_stop; row++) {
         int64_t start = row * n;
         load_block(in->base, in->base_dtype, start, n, b);
         load_block(in->models[model], in->model_dtypes[model], start, n, t);
-        memset(counts, 0, (2048 + 2048 + 512) * sizeof(uint32_t));
-        for (int64_t j = 0; j < n; j++) {
-            uint32_t k = (uint32_t)key_of(t[j] - b[j]);
-            keys[j] = k;
-            order[j] = (uint32_t)j;
-            hist[0][k & 2047u]++;
-            hist[1][(k >> 11) & 2047u]++;
-            hist[2][k >> 22]++;
-        }
-        uint32_t *src = order, *dst = spare;
-        for (int d = 0; d < 3; d++) {
-            uint32_t *h = hist[d], total = 0;
-            int shared = 0;
-            for (int v = 0; v < width[d]; v++) {
-                if (h[v] == (uint32_t)n) shared = 1;
-                uint32_t here = h[v];
-                h[v] = total; /* counts become each digit's first slot */
-                total += here;
-            }
-            if (shared) continue; /* every key has this digit: the order stands */
-            uint32_t mask = (uint32_t)width[d] - 1u;
-            for (int64_t r = 0; r < n; r++) {
-                uint32_t j = src[r];
-                dst[h[(keys[j] >> shift[d]) & mask]++] = j;
-            }
-            uint32_t *swap = src; src = dst; dst = swap;
-        }
+        for (int64_t j = 0; j < n; j++) keys[j] = (uint32_t)key_of(t[j] - b[j]);
+        radix_ranks(keys, n, packed, spare, counts, rank);
         float *row_out = out + (row - row_start) * n;
-        for (int64_t r = 0; r < n; r++) {
-            float p = (float)r * a;
-            row_out[src[r]] = p + c;
+        for (int64_t j = 0; j < n; j++) {
+            float p = (float)rank[j] * a;
+            row_out[j] = p + c;
         }
     }
-    free(b); free(t); free(keys); free(order); free(spare); free(counts);
+    free(b); free(t); free(keys); free(rank); free(packed); free(spare); free(counts);
     return 0;
 }
 
@@ -313,28 +332,43 @@ typedef struct {
     float *out;
 } merge_spec;
 
-static void prune_block(const merge_spec *sp, int64_t i, int64_t s, int64_t m, float *t, float *u) {
+/* Keep t[j] where kth_o-rule keeps and kth_i-rule does not (see `above`), for positions s..s+m−1. The block
+ * is cut where a rule's last kept tie falls, so that in each piece each rule is one integer threshold and the
+ * loop vectorises: "key > kth, or == kth at a position <= last" is key > kth − 1 up to last, key > kth after. */
+static int32_t threshold32(int64_t t) { return t < -1 ? -1 : (t > INT32_MAX ? INT32_MAX : (int32_t)t); }
+
+static void keep_band(float *restrict t, int64_t s, int64_t m, int64_t ok, int64_t ol, int64_t ik, int64_t il) {
+    int64_t cut[4] = {s, ol + 1, il + 1, s + m};
+    for (int c = 1; c <= 2; c++) cut[c] = cut[c] < s ? s : (cut[c] > s + m ? s + m : cut[c]);
+    if (cut[1] > cut[2]) { int64_t x = cut[1]; cut[1] = cut[2]; cut[2] = x; }
+    for (int piece = 0; piece < 3; piece++) {
+        int64_t a = cut[piece], b = cut[piece + 1];
+        if (a >= b) continue;
+        int32_t keep_above = threshold32(a <= ol ? ok - 1 : ok); /* kept by the outer rule: key > keep_above */
+        int32_t drop_above = threshold32(a <= il ? ik - 1 : ik); /* taken by the inner rule: key > drop_above */
+        float *restrict x = t + (a - s);
+        int64_t n = b - a;
+        for (int64_t j = 0; j < n; j++) {
+            int32_t k = (int32_t)key_of(x[j]);
+            x[j] = (k > keep_above) & (k <= drop_above) ? x[j] : 0.0f;
+        }
+    }
+}
+
+static void prune_block(const merge_spec *sp, int64_t i, int64_t s, int64_t m, float *restrict t, float *restrict u) {
     int32_t rule = sp->rule[i];
     if (rule == KEEP_BAND) {
-        int64_t ok = sp->outer_kth[i], ol = sp->outer_last[i], ik = sp->inner_kth[i], il = sp->inner_last[i];
-        for (int64_t j = 0; j < m; j++) {
-            int64_t k = key_of(t[j]);
-            int keep = above(k, s + j, ok, ol) & !above(k, s + j, ik, il);
-            t[j] = keep ? t[j] : 0.0f;
-        }
+        keep_band(t, s, m, sp->outer_kth[i], sp->outer_last[i], sp->inner_kth[i], sp->inner_last[i]);
     } else if (rule == KEEP_RANDOM) {
-        float d = sp->density[i];
-        uint64_t key = sp->rng_key[i];
+        const float d = sp->density[i];
+        const uint64_t key = sp->rng_key[i];
         for (int64_t j = 0; j < m; j++) u[j] = uniform_at(key, (uint64_t)(s + j));
-        for (int64_t j = 0; j < m; j++) {
-            float keep = u[j] < d ? 1.0f : 0.0f;
-            t[j] = t[j] * keep;
-        }
+        for (int64_t j = 0; j < m; j++) t[j] = t[j] * (u[j] < d ? 1.0f : 0.0f);
         if (sp->rescale)
             for (int64_t j = 0; j < m; j++) t[j] = t[j] / d;
     } else if (rule == KEEP_RANKED) {
-        const float *p = sp->probability[i] + (s - sp->probability_offset);
-        uint64_t key = sp->rng_key[i];
+        const float *restrict p = sp->probability[i] + (s - sp->probability_offset);
+        const uint64_t key = sp->rng_key[i];
         for (int64_t j = 0; j < m; j++) u[j] = uniform_at(key, (uint64_t)(s + j));
         if (sp->rescale) {
             for (int64_t j = 0; j < m; j++) t[j] = u[j] < p[j] ? t[j] / p[j] : 0.0f;

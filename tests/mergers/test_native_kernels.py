@@ -267,3 +267,25 @@ def test_without_a_compiler_merging_falls_back_to_torch_with_one_warning(tmp_pat
     dropped_everywhere = ~torch.stack(kept).any(0)
     assert dropped_everywhere.any() and torch.equal(merged[dropped_everywhere], base[dropped_everywhere])
     assert (merged[~dropped_everywhere] != base[~dropped_everywhere]).float().mean() > 0.99
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="no fork on this platform")
+def test_a_forked_process_merges_with_threads_of_its_own(lib, make_merger, make_inputs):
+    import multiprocessing
+
+    base, models = _weights(torch.float32, discrete=False)
+    inputs = make_inputs("ties", base, models, None, {"density": 0.2})
+    here = make_merger("ties").merge(inputs)  # the parent's pool now exists
+    context = multiprocessing.get_context("fork")
+    with context.Pool(1) as pool:
+        there = pool.apply_async(_merge_in_child, (base, models)).get(timeout=60)
+    assert torch.equal(here, there)
+
+
+def _merge_in_child(base, models):
+    from mergeplug.merging import TensorInputs, ties_task_vectors, top_magnitudes_prune
+
+    inputs = TensorInputs("model.layers.0.mlp.up_proj.weight", base, models, {},
+                          [{"weight": 1.0, "density": 0.2} for _ in models])
+    return ties_task_vectors(inputs, top_magnitudes_prune(inputs, [0.2] * 3), sign_method="sum", normalize=True,
+                             scale=1.0)
