@@ -23,7 +23,7 @@ enum { KEEP_ALL = 0, KEEP_BAND = 1, KEEP_RANDOM = 2, KEEP_RANKED = 3 };
 enum { REDUCE_SUM = 0, REDUCE_TIES = 1 };
 enum { SCORE_MAGNITUDE = 0, SCORE_VARIANCE = 1 };
 
-int mergeplug_kernels_version(void) { return 9; }
+int mergeplug_kernels_version(void) { return 11; }
 
 static void load_block(const void *src, int32_t dtype, int64_t start, int64_t count, float *dst) {
     if (dtype == DTYPE_F32) {
@@ -146,44 +146,65 @@ int mergeplug_sample_keys(const inputs_spec *in, int32_t kind, int64_t model, in
     return 0;
 }
 
-/* One pass over [start, stop): count the keys above hi, and collect the keys in [lo, hi] (up to capacity; the
- * return value is how many there were, so a caller sees an overflow). With `histogram` non-NULL the keys in
- * the band are counted there instead (histogram[k − lo], hi − lo + 2 entries, zeroed by the caller; the last counts the keys outside): for
- * bands of few distinct keys, as task vectors of bfloat16 weights have. */
-int64_t mergeplug_band_scan(const inputs_spec *in, int32_t kind, int64_t model, int64_t start, int64_t stop,
-                            int64_t lo, int64_t hi, int64_t *count_above, int32_t *keys_out, int64_t capacity,
-                            int64_t *histogram) {
+/* What one pass collects for one band [lo, hi] of keys (see mergeplug_band_scan). */
+typedef struct {
+    int64_t lo, hi;
+    int64_t count_above;   /* out: keys above hi */
+    int32_t *keys;         /* the keys in the band, in order, up to capacity ... */
+    int64_t capacity;
+    int64_t *histogram;    /* ... or, when not NULL, their counts: histogram[k − lo], hi − lo + 1 entries,
+                              zeroed by the caller */
+    int64_t found;         /* out: keys in the band (more than capacity: the caller sizes a buffer anew) */
+} band_spec;
+
+static void band_block(band_spec *band, const float *score, int64_t m) {
+    int64_t lo = band->lo, hi = band->hi, high = 0;
+    uint64_t width = (uint64_t)(hi - lo);
+    for (int64_t j = 0; j < m; j++) high += key_of(score[j]) > hi;
+    band->count_above += high;
+    /* A branch, not a store for every entry: a band holds a few percent of the entries, so it is predicted
+     * well, where an unconditional store (or increment of a spill counter) serialises every entry. */
+    if (band->histogram) {
+        int64_t *h = band->histogram;
+        for (int64_t j = 0; j < m; j++) {
+            uint64_t offset = (uint64_t)(key_of(score[j]) - lo);
+            if (offset <= width) h[offset]++;
+        }
+    } else {
+        int32_t *keys = band->keys;
+        int64_t found = band->found, capacity = band->capacity;
+        for (int64_t j = 0; j < m; j++) {
+            int64_t k = key_of(score[j]);
+            if ((uint64_t)(k - lo) <= width) {
+                if (found < capacity) keys[found] = (int32_t)k;
+                found++;
+            }
+        }
+        band->found = found;
+    }
+}
+
+/* One pass over [start, stop) for n_bands bands at once (Breadcrumbs' two cuts of a model share it): for
+ * each, count the keys above its hi and collect, or count in a histogram, those inside it. */
+int mergeplug_band_scan(const inputs_spec *in, int32_t kind, int64_t model, int64_t start, int64_t stop,
+                        int64_t n_bands, band_spec *bands) {
     float *buf = scratch(in->n_models);
     if (!buf) return -1;
     float *b = buf, *score = buf + BLOCK, *tv = buf + 2 * BLOCK;
-    int64_t found = 0, high = 0;
-    uint64_t width = (uint64_t)(hi - lo);
-    int64_t spill = histogram ? (int64_t)width + 1 : 0; /* histogram slot for keys outside the band */
+    for (int64_t i = 0; i < n_bands; i++) bands[i].count_above = bands[i].found = 0;
     for (int64_t s = start; s < stop; s += BLOCK) {
         int64_t m = stop - s < BLOCK ? stop - s : BLOCK;
         scores_block(in, kind, model, s, m, b, tv, score);
-        /* Branch-free: a band of few distinct keys holds many entries, and a branch on it mispredicts. */
-        for (int64_t j = 0; j < m; j++) high += key_of(score[j]) > hi;
-        if (histogram) {
-            for (int64_t j = 0; j < m; j++) {
-                uint64_t offset = (uint64_t)(key_of(score[j]) - lo);
-                histogram[offset <= width ? (int64_t)offset : spill]++;
-            }
-        } else {
-            for (int64_t j = 0; j < m; j++) {
-                int64_t k = key_of(score[j]);
-                keys_out[found < capacity ? found : capacity] = (int32_t)k; /* slot `capacity`: scratch */
-                found += (uint64_t)(k - lo) <= width;
-            }
+        for (int64_t i = 0; i < n_bands; i++) band_block(&bands[i], score, m);
+    }
+    for (int64_t i = 0; i < n_bands; i++)
+        if (bands[i].histogram) {
+            int64_t found = 0;
+            for (int64_t v = 0; v <= bands[i].hi - bands[i].lo; v++) found += bands[i].histogram[v];
+            bands[i].found = found;
         }
-    }
-    if (histogram) {
-        found = 0;
-        for (uint64_t v = 0; v <= width; v++) found += histogram[v];
-    }
     free(buf);
-    *count_above = high;
-    return found;
+    return 0;
 }
 
 /* How many positions of [start, stop) have this key; with nth > 0, the position of the nth of them instead

@@ -139,18 +139,36 @@ def test_the_scanned_cut_keeps_exactly_the_entries_of_the_torch_cut(lib, make_in
     assert torch.equal(pruned != 0, kept & (keys != 0))
 
 
-def test_band_collection_that_outgrows_the_sample_estimate_is_redone_exactly(lib, make_inputs, monkeypatch):
+@pytest.mark.parametrize("discrete", [False, True], ids=["continuous", "ties"])
+def test_cuts_found_together_in_one_pass_equal_cuts_found_alone(lib, make_inputs, discrete):
+    base, models = _weights(torch.bfloat16, discrete)
+    inputs = make_inputs("breadcrumbs", base, models)
+    inputs.compute_dtype = torch.float32
+    n = base.numel()
+    chunks = task_vector_chunks(inputs, 0)
+    ks = [int(0.45 * n), int(0.03 * n)]
+    scan = _NativeScan(_native_inputs(inputs), native.SCORE_MAGNITUDE, 0)
+    together = TopMagnitudes.together(chunks, ks, n, scan)
+    keys = (models[0].float() - base.float()).view(torch.int32).reshape(-1) & 0x7FFF_FFFF
+    for top, k in zip(together, ks):
+        assert top._last_tie is not None  # found by the shared scan
+        alone = TopMagnitudes(chunks, k, n)
+        kept = _rule_mask(keys, *top.native_cut())
+        assert int(kept.sum()) == k and torch.equal(kept, _rule_mask(keys, *alone.native_cut()))
+
+
+def test_band_scan_collects_or_counts_every_key_in_the_band_in_order(lib, make_inputs, monkeypatch):
     base, models = _weights(torch.float32, discrete=False)
     inputs = make_inputs("ties", base, models)
     scan = _NativeScan(_native_inputs(inputs), native.SCORE_MAGNITUDE, 0)
     keys = (models[0] - base).view(torch.int32).reshape(-1) & 0x7FFF_FFFF
     lo, hi = int(keys.kthvalue(100_000).values), int(keys.kthvalue(400_000).values)
-    above, collected, histogram = scan.band(lo, hi, share=0.0)  # buffers sized for ~nothing: too small
+    above, collected, histogram = scan.bands([(lo, hi)])[0]
     assert histogram is None and above == int((keys > hi).sum())
     in_band = keys[(keys >= lo) & (keys <= hi)]
     assert torch.equal(collected, in_band)  # in order of position, none lost
     monkeypatch.setattr(_NativeScan, "HISTOGRAM_KEYS", hi - lo + 1)  # the same band, counted instead
-    above_h, none, counts = scan.band(lo, hi, share=0.0)
+    above_h, none, counts = scan.bands([(lo, hi)])[0]
     assert none is None and above_h == above
     assert torch.equal(counts, torch.bincount(in_band.long() - lo, minlength=hi - lo + 1))
 
