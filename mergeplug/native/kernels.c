@@ -23,7 +23,7 @@ enum { KEEP_ALL = 0, KEEP_BAND = 1, KEEP_RANDOM = 2, KEEP_RANKED = 3 };
 enum { REDUCE_SUM = 0, REDUCE_TIES = 1 };
 enum { SCORE_MAGNITUDE = 0, SCORE_VARIANCE = 1 };
 
-int mergeplug_kernels_version(void) { return 11; }
+int mergeplug_kernels_version(void) { return 14; }
 
 static void load_block(const void *src, int32_t dtype, int64_t start, int64_t count, float *dst) {
     if (dtype == DTYPE_F32) {
@@ -259,37 +259,48 @@ int mergeplug_selected_energy(const inputs_spec *in, int64_t start, int64_t stop
 }
 
 /* Stable ranks of keys[0..n) (0 for the smallest; equal keys by position) into rank[]: a stable least-
- * significant-digit radix sort of (key, position) packed into 64 bits, on the 31-bit key's digits of 11, 11
- * and 9 bits (a digit all keys share is skipped). Packing makes each step one load, not an index and a key. */
+ * significant-digit radix sort of (key, position) packed into 64 bits (each step one load, not an index and
+ * a key). The keys are first made narrow without changing their order: zeros stay 0, a nonzero key k becomes
+ * ((k − smallest nonzero) >> z) + 1, z being the trailing zero bits all nonzero keys share. A bfloat16 task
+ * vector's magnitudes share about 9 (few significant bits), so its ranks take two passes of 9 bits where
+ * the raw 31-bit keys would take three of 11. counts: room for 3 · 2048. */
 static void radix_ranks(const uint32_t *keys, int64_t n, uint64_t *packed, uint64_t *spare, uint32_t *counts,
                         uint32_t *rank) {
-    static const int shift[3] = {0, 11, 22};
-    static const int width[3] = {2048, 2048, 512};
-    uint32_t *hist[3] = {counts, counts + 2048, counts + 4096};
-    memset(counts, 0, (2048 + 2048 + 512) * sizeof(uint32_t));
+    uint32_t below = UINT32_MAX, high = 0, ored = 0; /* below: the smallest nonzero key − 1 (0 wraps to max) */
     for (int64_t j = 0; j < n; j++) {
         uint32_t k = keys[j];
-        packed[j] = ((uint64_t)k << 32) | (uint64_t)j;
-        hist[0][k & 2047u]++;
-        hist[1][(k >> 11) & 2047u]++;
-        hist[2][k >> 22]++;
+        below = k - 1u < below ? k - 1u : below;
+        high = k > high ? k : high;
+        ored |= k;
+    }
+    uint32_t low = below + 1u;
+    int zeros = ored ? __builtin_ctz(ored) : 0;
+    uint32_t top = high ? ((high - low) >> zeros) + 1u : 0u;
+    int bits = top ? 32 - __builtin_clz(top) : 0;
+    int passes = (bits + 10) / 11, width = passes ? (bits + passes - 1) / passes : 0;
+    uint32_t bins = 1u << width, mask = bins - 1u;
+    memset(counts, 0, (size_t)passes * bins * sizeof(uint32_t));
+    for (int64_t j = 0; j < n; j++) {
+        uint32_t k = keys[j];
+        uint32_t narrow = k ? ((k - low) >> zeros) + 1u : 0u;
+        packed[j] = ((uint64_t)narrow << 32) | (uint64_t)j;
+        for (int d = 0; d < passes; d++) counts[d * bins + ((narrow >> (d * width)) & mask)]++;
     }
     uint64_t *src = packed, *dst = spare;
-    for (int d = 0; d < 3; d++) {
-        uint32_t *h = hist[d], total = 0;
+    for (int d = 0; d < passes; d++) {
+        uint32_t *h = counts + d * bins, total = 0;
         int shared = 0;
-        for (int v = 0; v < width[d]; v++) {
+        for (uint32_t v = 0; v < bins; v++) {
             if (h[v] == (uint32_t)n) shared = 1;
             uint32_t here = h[v];
             h[v] = total; /* counts become each digit's first slot */
             total += here;
         }
         if (shared) continue; /* every key has this digit: the order stands */
-        uint32_t mask = (uint32_t)width[d] - 1u;
-        int sh = shift[d] + 32;
+        int shift = 32 + d * width;
         for (int64_t r = 0; r < n; r++) {
             uint64_t x = src[r];
-            dst[h[(x >> sh) & mask]++] = x;
+            dst[h[(x >> shift) & mask]++] = x;
         }
         uint64_t *swap = src; src = dst; dst = swap;
     }
@@ -308,7 +319,7 @@ int mergeplug_row_probabilities(const inputs_spec *in, int64_t model, int64_t ro
     uint32_t *rank = (uint32_t *)malloc((size_t)n * sizeof(uint32_t));
     uint64_t *packed = (uint64_t *)malloc((size_t)n * sizeof(uint64_t));
     uint64_t *spare = (uint64_t *)malloc((size_t)n * sizeof(uint64_t));
-    uint32_t *counts = (uint32_t *)malloc((2048 + 2048 + 512) * sizeof(uint32_t));
+    uint32_t *counts = (uint32_t *)malloc(3 * 2048 * sizeof(uint32_t));
     if (!b || !t || !keys || !rank || !packed || !spare || !counts) {
         free(b); free(t); free(keys); free(rank); free(packed); free(spare); free(counts);
         return -1;
