@@ -255,20 +255,22 @@ class TopMagnitudes:
                 self._find_cut(chunks)
 
     @classmethod
-    def together(cls, chunks: Callable[[], Iterable[torch.Tensor]], ks: list[int], n: int,
-                 scan: "_NativeScan | None") -> list["TopMagnitudes"]:
-        """One :class:`TopMagnitudes` for each k over the same chunks, the kernels finding all their cuts in one
-        shared pass (Model Breadcrumbs' two cuts of a model)."""
-        tops = [cls(chunks, k, n, _defer=True) for k in ks]
-        pending = [(top, top._scan_bracket(scan)) for top in tops if 0 < top.k < n and scan is not None]
-        pending = [(top, bracket) for top, bracket in pending if bracket is not None]
+    def together(cls, requests: list[tuple[Callable[[], Iterable[torch.Tensor]], int, "_NativeScan | None"]],
+                 n: int) -> list["TopMagnitudes"]:
+        """One :class:`TopMagnitudes` for each (chunks, k, scan) over tensors of n entries, the kernels finding
+        all cuts whose scans share one tensor's inputs in one pass (every model's trim; Breadcrumbs' two cuts
+        of each model), which reads the base once."""
+        tops = [cls(chunks, k, n, _defer=True) for chunks, k, _ in requests]
+        pending = [(top, scan, top._scan_bracket(scan)) for top, (_, _, scan) in zip(tops, requests)
+                   if 0 < top.k < n and scan is not None]
+        pending = [(top, scan, bracket) for top, scan, bracket in pending if bracket is not None]
         settled = set()
         if pending:
-            found = scan.bands([bracket for _, bracket in pending])
-            for index, ((top, bracket), result) in enumerate(zip(pending, found)):
-                if top._settle_band(scan, bracket, result, index):
+            found = _scan_bands([(scan, bracket) for _, scan, bracket in pending])
+            for (top, scan, bracket), (result, band) in zip(pending, found):
+                if top._settle_band(scan, bracket, result, band):
                     settled.add(id(top))
-        for top in tops:
+        for top, (chunks, _, _) in zip(tops, requests):
             if 0 < top.k < n and id(top) not in settled:
                 top._find_cut(chunks)
         return tops
@@ -296,8 +298,8 @@ class TopMagnitudes:
         bracket = self._scan_bracket(scan)
         if bracket is None:
             return False
-        (result,) = scan.bands([bracket])
-        return self._settle_band(scan, bracket, result, 0)
+        ((result, band),) = _scan_bands([(scan, bracket)])
+        return self._settle_band(scan, bracket, result, band)
 
     def _scan_bracket(self, scan: "_NativeScan") -> tuple[int, int] | None:
         if self.n // (1 << 16) < 8:
@@ -912,9 +914,9 @@ def task_vector_chunks(inputs: TensorInputs, model_index: int) -> Callable[[], I
 def _top_magnitudes_of(inputs: TensorInputs, densities: list[float]) -> list[TopMagnitudes]:
     n = inputs.models[0].numel()
     held = _native_inputs(inputs)
-    return [TopMagnitudes(task_vector_chunks(inputs, i), int(round(d * n)), n,
-                          scan=_NativeScan(held, native.SCORE_MAGNITUDE, i) if held else None)
-            for i, d in enumerate(densities)]
+    return TopMagnitudes.together(
+        [(task_vector_chunks(inputs, i), int(round(d * n)), _NativeScan(held, native.SCORE_MAGNITUDE, i) if held else None)
+         for i, d in enumerate(densities)], n)
 
 
 def top_magnitudes_keep(inputs: TensorInputs, densities: list[float]) -> KeepRule:
@@ -937,16 +939,15 @@ def magnitude_threshold_prune(thresholds: list[float]) -> MagnitudeThreshold:
 def _breadcrumbs_sets(inputs: TensorInputs, densities: list[float], gammas: list[float]):
     n = inputs.models[0].numel()
     held = _native_inputs(inputs)
-    outer, inner = [], []
+    requests = []
     for i, (density, gamma) in enumerate(zip(densities, gammas)):
         n_keep = min(max(int(round(density * n)), 0), n)
         n_top = min(max(int(round(gamma * n)), 0), n - n_keep)
         chunks = task_vector_chunks(inputs, i)
         scan = _NativeScan(held, native.SCORE_MAGNITUDE, i) if held else None
-        outer_top, inner_top = TopMagnitudes.together(chunks, [n_top + n_keep, n_top], n, scan)
-        outer.append(outer_top)
-        inner.append(inner_top)
-    return outer, inner
+        requests += [(chunks, n_top + n_keep, scan), (chunks, n_top, scan)]  # outer, inner
+    tops = TopMagnitudes.together(requests, n)
+    return tops[0::2], tops[1::2]
 
 
 def breadcrumbs_keep(inputs: TensorInputs, densities: list[float], gammas: list[float]) -> KeepRule:
@@ -1198,45 +1199,6 @@ class _NativeScan:
     #: Bands of at most this many distinct keys are counted in a histogram rather than collected.
     HISTOGRAM_KEYS = 1 << 16
 
-    def bands(self, brackets: list[tuple[int, int]]) -> list[tuple]:
-        """For each bracket (lo, hi): (how many keys are above hi, the keys in [lo, hi] in order of
-        position or None, their histogram over lo..hi or None), all from one pass on every thread."""
-        held, lib = self.held, self.held.lib
-        ranges = native.split(0, held.numel, held.threads)
-
-        def part(start: int, stop: int):
-            specs = (native.BandSpec * len(brackets))()
-            buffers = []
-            for spec, (lo, hi) in zip(specs, brackets):
-                spec.lo, spec.hi = lo, hi
-                if hi - lo + 1 <= self.HISTOGRAM_KEYS:
-                    counts = torch.zeros(hi - lo + 1, dtype=torch.int64)
-                    spec.histogram, spec.keys, spec.capacity = counts.data_ptr(), None, 0
-                else:
-                    # Room for every entry: a band edge on a frequent key (bfloat16 task vectors have many equal
-                    # magnitudes) can hold far more than the sample suggests, and a second pass would cost more
-                    # than address space; only the entries found are ever written, so only they take memory.
-                    spec.capacity = stop - start
-                    counts = torch.empty(spec.capacity, dtype=torch.int32)
-                    spec.histogram, spec.keys = None, counts.data_ptr()
-                buffers.append(counts)
-            _check(lib.mergeplug_band_scan(ctypes.byref(held.spec), self.kind, self.model, start, stop,
-                                           len(brackets), specs))
-            return [(s.count_above, None if s.histogram else buf[:s.found], buf if s.histogram else None)
-                    for s, buf in zip(specs, buffers)]
-
-        parts = native.parallel(part, 0, held.numel, held.threads)
-        results, self._last_bands = [], []
-        for index, (lo, hi) in enumerate(brackets):
-            mine = [p[index] for p in parts]
-            self._last_bands.append((lo, hi, ranges, mine))  # for position_of: counts per thread range
-            above = sum(p[0] for p in mine)
-            if mine[0][2] is not None:
-                results.append((above, None, torch.stack([p[2] for p in mine]).sum(0)))
-            else:
-                results.append((above, torch.cat([p[1] for p in mine]), None))
-        return results
-
     def _counts_per_range(self, key: int, band: int) -> tuple[list[tuple[int, int]], list[int]] | None:
         """From the last scan's band ``band``, if it covered ``key``: each range's count of entries with it."""
         bands = getattr(self, "_last_bands", None)
@@ -1265,6 +1227,52 @@ class _NativeScan:
                 return int(lib.mergeplug_find_key(spec, self.kind, self.model, lo, hi, key, nth))
             nth -= count
         raise AssertionError("fewer entries with this key than counted")
+
+
+def _scan_bands(requests: list[tuple[_NativeScan, tuple[int, int]]]) -> list[tuple[tuple, int]]:
+    """One pass of the kernels on every thread for several bands (lo, hi) of scans over the same inputs: for
+    each, ((how many keys are above hi, the keys in [lo, hi] in order of position or None, their histogram
+    over lo..hi or None), the band's index in its scan, for :meth:`_NativeScan.position_of`)."""
+    held, kind = requests[0][0].held, requests[0][0].kind
+    order = sorted(range(len(requests)), key=lambda r: requests[r][0].model)  # each model's bands together
+    ranges = native.split(0, held.numel, held.threads)
+
+    def part(start: int, stop: int):
+        specs = (native.BandSpec * len(order))()
+        buffers = []
+        for spec, r in zip(specs, order):
+            scan, (lo, hi) = requests[r]
+            spec.model, spec.lo, spec.hi = scan.model, lo, hi
+            if hi - lo + 1 <= _NativeScan.HISTOGRAM_KEYS:
+                counts = torch.zeros(hi - lo + 1, dtype=torch.int64)
+                spec.histogram, spec.keys, spec.capacity = counts.data_ptr(), None, 0
+            else:
+                # Room for every entry: a band edge on a frequent key (bfloat16 task vectors have many equal
+                # magnitudes) can hold far more than the sample suggests, and a second pass would cost more
+                # than address space; only the entries found are ever written, so only they take memory.
+                spec.capacity = stop - start
+                counts = torch.empty(spec.capacity, dtype=torch.int32)
+                spec.histogram, spec.keys = None, counts.data_ptr()
+            buffers.append(counts)
+        _check(held.lib.mergeplug_band_scan(ctypes.byref(held.spec), kind, start, stop, len(order), specs))
+        return [(s.count_above, None if s.histogram else buf[:s.found], buf if s.histogram else None)
+                for s, buf in zip(specs, buffers)]
+
+    parts = native.parallel(part, 0, held.numel, held.threads)
+    for scan, _ in requests:
+        scan._last_bands = []
+    results: list = [None] * len(requests)
+    for slot, r in enumerate(order):
+        scan, (lo, hi) = requests[r]
+        mine = [p[slot] for p in parts]
+        scan._last_bands.append((lo, hi, ranges, mine))  # for position_of: counts per thread range
+        above = sum(p[0] for p in mine)
+        if mine[0][2] is not None:
+            result = (above, None, torch.stack([p[2] for p in mine]).sum(0))
+        else:
+            result = (above, torch.cat([p[1] for p in mine]), None)
+        results[r] = (result, len(scan._last_bands) - 1)
+    return results
 
 
 def _fused_merge(inputs: TensorInputs, prune: ChunkPruner | None, *, reduce: int, weights: torch.Tensor,

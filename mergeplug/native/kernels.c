@@ -23,7 +23,7 @@ enum { KEEP_ALL = 0, KEEP_BAND = 1, KEEP_RANDOM = 2, KEEP_RANKED = 3 };
 enum { REDUCE_SUM = 0, REDUCE_TIES = 1 };
 enum { SCORE_MAGNITUDE = 0, SCORE_VARIANCE = 1 };
 
-int mergeplug_kernels_version(void) { return 14; }
+int mergeplug_kernels_version(void) { return 15; }
 
 static void load_block(const void *src, int32_t dtype, int64_t start, int64_t count, float *dst) {
     if (dtype == DTYPE_F32) {
@@ -148,6 +148,7 @@ int mergeplug_sample_keys(const inputs_spec *in, int32_t kind, int64_t model, in
 
 /* What one pass collects for one band [lo, hi] of keys (see mergeplug_band_scan). */
 typedef struct {
+    int64_t model;         /* whose |τ| (SCORE_MAGNITUDE; bands of one model next to each other) */
     int64_t lo, hi;
     int64_t count_above;   /* out: keys above hi */
     int32_t *keys;         /* the keys in the band, in order, up to capacity ... */
@@ -184,18 +185,27 @@ static void band_block(band_spec *band, const float *score, int64_t m) {
     }
 }
 
-/* One pass over [start, stop) for n_bands bands at once (Breadcrumbs' two cuts of a model share it): for
- * each, count the keys above its hi and collect, or count in a histogram, those inside it. */
-int mergeplug_band_scan(const inputs_spec *in, int32_t kind, int64_t model, int64_t start, int64_t stop,
-                        int64_t n_bands, band_spec *bands) {
+/* One pass over [start, stop) for n_bands bands at once (every model's cut, and Breadcrumbs' two cuts of each
+ * model, share it: the base is read once): for each, count the keys above its hi and collect, or count in a
+ * histogram, those inside it. */
+int mergeplug_band_scan(const inputs_spec *in, int32_t kind, int64_t start, int64_t stop, int64_t n_bands,
+                        band_spec *bands) {
     float *buf = scratch(in->n_models);
     if (!buf) return -1;
     float *b = buf, *score = buf + BLOCK, *tv = buf + 2 * BLOCK;
     for (int64_t i = 0; i < n_bands; i++) bands[i].count_above = bands[i].found = 0;
     for (int64_t s = start; s < stop; s += BLOCK) {
         int64_t m = stop - s < BLOCK ? stop - s : BLOCK;
-        scores_block(in, kind, model, s, m, b, tv, score);
-        for (int64_t i = 0; i < n_bands; i++) band_block(&bands[i], score, m);
+        if (kind == SCORE_VARIANCE) scores_block(in, kind, 0, s, m, b, tv, score);
+        else load_block(in->base, in->base_dtype, s, m, b);
+        for (int64_t i = 0; i < n_bands; i++) {
+            if (kind == SCORE_MAGNITUDE && (i == 0 || bands[i].model != bands[i - 1].model)) {
+                int64_t model = bands[i].model;
+                load_block(in->models[model], in->model_dtypes[model], s, m, score);
+                for (int64_t j = 0; j < m; j++) score[j] = score[j] - b[j];
+            }
+            band_block(&bands[i], score, m);
+        }
     }
     for (int64_t i = 0; i < n_bands; i++)
         if (bands[i].histogram) {

@@ -22,6 +22,7 @@ from mergeplug.merging import (
     TopVariance,
     _native_inputs,
     _NativeScan,
+    _scan_bands,
     magprune_keep_probabilities,
     task_vector_chunks,
     uniform,
@@ -145,13 +146,16 @@ def test_cuts_found_together_in_one_pass_equal_cuts_found_alone(lib, make_inputs
     inputs = make_inputs("breadcrumbs", base, models)
     inputs.compute_dtype = torch.float32
     n = base.numel()
-    chunks = task_vector_chunks(inputs, 0)
-    ks = [int(0.45 * n), int(0.03 * n)]
-    scan = _NativeScan(_native_inputs(inputs), native.SCORE_MAGNITUDE, 0)
-    together = TopMagnitudes.together(chunks, ks, n, scan)
-    keys = (models[0].float() - base.float()).view(torch.int32).reshape(-1) & 0x7FFF_FFFF
-    for top, k in zip(together, ks):
+    held = _native_inputs(inputs)
+    requests = []
+    for model in range(3):  # every model's two cuts in one pass
+        chunks = task_vector_chunks(inputs, model)
+        scan = _NativeScan(held, native.SCORE_MAGNITUDE, model)
+        requests += [(chunks, int(0.45 * n) - model, scan), (chunks, int(0.03 * n) + model, scan)]
+    together = TopMagnitudes.together(requests, n)
+    for top, (chunks, k, scan) in zip(together, requests):
         assert top._last_tie is not None  # found by the shared scan
+        keys = (models[scan.model].float() - base.float()).view(torch.int32).reshape(-1) & 0x7FFF_FFFF
         alone = TopMagnitudes(chunks, k, n)
         kept = _rule_mask(keys, *top.native_cut())
         assert int(kept.sum()) == k and torch.equal(kept, _rule_mask(keys, *alone.native_cut()))
@@ -163,12 +167,12 @@ def test_band_scan_collects_or_counts_every_key_in_the_band_in_order(lib, make_i
     scan = _NativeScan(_native_inputs(inputs), native.SCORE_MAGNITUDE, 0)
     keys = (models[0] - base).view(torch.int32).reshape(-1) & 0x7FFF_FFFF
     lo, hi = int(keys.kthvalue(100_000).values), int(keys.kthvalue(400_000).values)
-    above, collected, histogram = scan.bands([(lo, hi)])[0]
+    above, collected, histogram = _scan_bands([(scan, (lo, hi))])[0][0]
     assert histogram is None and above == int((keys > hi).sum())
     in_band = keys[(keys >= lo) & (keys <= hi)]
     assert torch.equal(collected, in_band)  # in order of position, none lost
     monkeypatch.setattr(_NativeScan, "HISTOGRAM_KEYS", hi - lo + 1)  # the same band, counted instead
-    above_h, none, counts = scan.bands([(lo, hi)])[0]
+    above_h, none, counts = _scan_bands([(scan, (lo, hi))])[0][0]
     assert none is None and above_h == above
     assert torch.equal(counts, torch.bincount(in_band.long() - lo, minlength=hi - lo + 1))
 
