@@ -871,17 +871,17 @@ class RandomKeep(Pruner):
         return {"kind": native.KEEP_RANDOM, "density": density, "key": self.keys[i]}
 
 
-class RankedKeep(Pruner):
+class RankedKeep(RandomKeep):
     """DELLA's MAGPRUNE (arXiv:2406.11617, :func:`magprune`) within rows of ``row`` entries: keep model i's
     entry at position p where ``uniform(keys[i], p)`` is below its rank-based probability."""
 
     def __init__(self, densities: list[float], epsilons: list[float], keys: list[int], row: int,
                  rescale: bool = True, where: list[str] | None = None):
-        self.densities, self.epsilons, self.keys, self.row, self.rescale = densities, epsilons, keys, row, rescale
+        super().__init__(densities, keys, rescale)
+        self.epsilons, self.row = epsilons, row
         self.where = where or [f"magprune: models[{i}]" for i in range(len(densities))]
         for d, e, w in zip(densities, epsilons, self.where):
             check_magprune(d, e, w)
-        self._offsets = [0] * len(densities)
 
     def __call__(self, i: int, chunk: torch.Tensor) -> torch.Tensor:
         start, self._offsets[i] = self._offsets[i], self._offsets[i] + chunk.numel()
@@ -891,12 +891,8 @@ class RankedKeep(Pruner):
 
     def rule(self, i: int) -> dict[str, Any] | None:
         density = self.densities[i]
-        if density >= 1.0:
-            return {"kind": native.KEEP_ALL}
-        if density <= 0.0:
-            return {"kind": native.KEEP_BAND, "outer": _KEEP_NONE, "inner": _KEEP_NONE}
-        if self.row < 2:  # a row of one entry keeps with probability density: DARE
-            return {"kind": native.KEEP_RANDOM, "density": density, "key": self.keys[i]}
+        if self.row < 2 or not 0.0 < density < 1.0:  # all, none, or a row of one entry: DARE's rule
+            return super().rule(i)
         return {"kind": native.KEEP_RANKED, "density": density, "epsilon": self.epsilons[i], "key": self.keys[i]}
 
 
