@@ -1241,13 +1241,12 @@ def _scan_bands(requests: list[tuple[_NativeScan, tuple[int, int]]]) -> list[tup
             spec.model, spec.lo, spec.hi = scan.model, lo, hi
             if hi - lo + 1 <= _NativeScan.HISTOGRAM_KEYS:
                 counts = torch.zeros(hi - lo + 1, dtype=torch.int64)
-                spec.histogram, spec.keys, spec.capacity = counts.data_ptr(), None, 0
+                spec.histogram, spec.keys = counts.data_ptr(), None
             else:
                 # Room for every entry: a band edge on a frequent key (bfloat16 task vectors have many equal
                 # magnitudes) can hold far more than the sample suggests, and a second pass would cost more
                 # than address space; only the entries found are ever written, so only they take memory.
-                spec.capacity = stop - start
-                counts = torch.empty(spec.capacity, dtype=torch.int32)
+                counts = torch.empty(stop - start, dtype=torch.int32)
                 spec.histogram, spec.keys = None, counts.data_ptr()
             buffers.append(counts)
         _check(held.lib.mergeplug_band_scan(ctypes.byref(held.spec), kind, start, stop, len(order), specs))

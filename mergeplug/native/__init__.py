@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 SWITCH_ENV = "MERGEPLUG_NATIVE"
-KERNELS_VERSION = 15  # kernels.c's mergeplug_kernels_version(): a cached library of another is rebuilt
+KERNELS_VERSION = 17  # kernels.c's mergeplug_kernels_version(): a cached library of another is rebuilt
 CACHE_ENV = "MERGEPLUG_CACHE"
 SOURCE = Path(__file__).with_name("kernels.c")
 #: -ffp-contract=off: no multiply-add is fused unless the source says so, so the arithmetic is torch's, step
@@ -53,7 +53,7 @@ _i64p, _f32p = ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_float)
 class BandSpec(ctypes.Structure):
     _fields_ = [("model", ctypes.c_int64), ("lo", ctypes.c_int64), ("hi", ctypes.c_int64),
                 ("count_above", ctypes.c_int64),
-                ("keys", ctypes.c_void_p), ("capacity", ctypes.c_int64), ("histogram", ctypes.c_void_p),
+                ("keys", ctypes.c_void_p), ("histogram", ctypes.c_void_p),
                 ("found", ctypes.c_int64)]
 
 

@@ -13,6 +13,9 @@
  */
 #include <math.h>
 #include <stdint.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include <stdlib.h>
 #include <string.h>
 
@@ -23,7 +26,7 @@ enum { KEEP_ALL = 0, KEEP_BAND = 1, KEEP_RANDOM = 2, KEEP_RANKED = 3 };
 enum { REDUCE_SUM = 0, REDUCE_TIES = 1 };
 enum { SCORE_MAGNITUDE = 0, SCORE_VARIANCE = 1 };
 
-int mergeplug_kernels_version(void) { return 15; }
+int mergeplug_kernels_version(void) { return 17; }
 
 static void load_block(const void *src, int32_t dtype, int64_t start, int64_t count, float *dst) {
     if (dtype == DTYPE_F32) {
@@ -42,10 +45,22 @@ static inline int64_t key_of(float x) {
     return (int64_t)(u & 0x7FFFFFFFu);
 }
 
-/* The top-k rule of mergeplug.merging.TopMagnitudes: kept when the key is above the k-th largest key, or equal
- * to it at a position up to the last kept tie. Keep all: kth = -1; keep none: kth = INT64_MAX. */
-static inline int above(int64_t key, int64_t position, int64_t kth, int64_t last_tie) {
-    return key > kth || (key == kth && position <= last_tie);
+/* The top-k rule of mergeplug.merging.TopMagnitudes, a cut (kth, last_tie): an entry is kept when its key is
+ * above kth, the k-th largest key, or equal to it at a position up to last_tie, the last kept tie. Keep all:
+ * kth = -1; keep none: kth = INT64_MAX. The loops below apply it as "key > kth − 1" up to last_tie and
+ * "key > kth" after it: integer comparisons that vectorise. */
+
+/* A cut's kth as an int32 threshold for 31-bit keys (keep all: -1; keep none: INT32_MAX). */
+static int32_t threshold32(int64_t t) { return t < -1 ? -1 : (t > INT32_MAX ? INT32_MAX : (int32_t)t); }
+
+/* mask[j] = 1 where the key of score[j] (position s + j) is above the cut (kth, last_tie), else 0: "key > kth − 1"
+ * up to the last kept tie and "key > kth" after it, two integer comparisons that vectorise. */
+static void selected_mask(const float *score, int64_t s, int64_t m, int64_t kth, int64_t last_tie, float *mask) {
+    int64_t cut = last_tie + 1 - s;
+    cut = cut < 0 ? 0 : (cut > m ? m : cut);
+    int32_t before = threshold32(kth - 1), after = threshold32(kth);
+    for (int64_t j = 0; j < cut; j++) mask[j] = (int32_t)key_of(score[j]) > before ? 1.0f : 0.0f;
+    for (int64_t j = cut; j < m; j++) mask[j] = (int32_t)key_of(score[j]) > after ? 1.0f : 0.0f;
 }
 
 static inline float sign_of(float x) { return (float)((x > 0.0f) - (x < 0.0f)); }
@@ -151,11 +166,10 @@ typedef struct {
     int64_t model;         /* whose |τ| (SCORE_MAGNITUDE; bands of one model next to each other) */
     int64_t lo, hi;
     int64_t count_above;   /* out: keys above hi */
-    int32_t *keys;         /* the keys in the band, in order, up to capacity ... */
-    int64_t capacity;
+    int32_t *keys;         /* the keys in the band, in order (room for stop − start of them) ... */
     int64_t *histogram;    /* ... or, when not NULL, their counts: histogram[k − lo], hi − lo + 1 entries,
                               zeroed by the caller */
-    int64_t found;         /* out: keys in the band (more than capacity: the caller sizes a buffer anew) */
+    int64_t found;         /* out: keys in the band */
 } band_spec;
 
 static void band_block(band_spec *band, const float *score, int64_t m) {
@@ -171,15 +185,23 @@ static void band_block(band_spec *band, const float *score, int64_t m) {
             uint64_t offset = (uint64_t)(key_of(score[j]) - lo);
             if (offset <= width) h[offset]++;
         }
-    } else {
+    } else { /* the caller gives room for every position of its range: no bound to check */
         int32_t *keys = band->keys;
-        int64_t found = band->found, capacity = band->capacity;
-        for (int64_t j = 0; j < m; j++) {
+        int64_t found = band->found, j = 0;
+#if defined(__AVX512F__)
+        /* 16 keys at a time: compare, then store the ones inside the band packed together. */
+        const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF), low = _mm512_set1_epi32((int32_t)lo),
+                      span = _mm512_set1_epi32((int32_t)width);
+        for (; j + 16 <= m; j += 16) {
+            __m512i k = _mm512_and_si512(_mm512_loadu_si512((const void *)(score + j)), magnitude);
+            __mmask16 inside = _mm512_cmple_epu32_mask(_mm512_sub_epi32(k, low), span);
+            _mm512_mask_compressstoreu_epi32((void *)(keys + found), inside, k);
+            found += __builtin_popcount((unsigned)inside);
+        }
+#endif
+        for (; j < m; j++) {
             int64_t k = key_of(score[j]);
-            if ((uint64_t)(k - lo) <= width) {
-                if (found < capacity) keys[found] = (int32_t)k;
-                found++;
-            }
+            if ((uint64_t)(k - lo) <= width) keys[found++] = (int32_t)k;
         }
         band->found = found;
     }
@@ -256,11 +278,19 @@ int mergeplug_selected_energy(const inputs_spec *in, int64_t start, int64_t stop
     for (int64_t s = start; s < stop; s += BLOCK) {
         int64_t m = stop - s < BLOCK ? stop - s : BLOCK;
         scores_block(in, SCORE_VARIANCE, 0, s, m, b, tv, score);
+        float *mask = b; /* the mean is no longer needed */
+        selected_mask(score, s, m, kth, last_tie, mask);
         for (int64_t i = 0; i < in->n_models; i++) {
             const float *t = tv + i * BLOCK;
+            /* 16 float partial sums per block (they vectorise), added up in double: torch sums a chunk in
+             * float32 too. */
+            float part[16] = {0.0f};
+            int64_t j = 0;
+            for (; j + 16 <= m; j += 16)
+                for (int l = 0; l < 16; l++) part[l] = part[l] + mask[j + l] * (t[j + l] * t[j + l]);
             double e = 0.0;
-            for (int64_t j = 0; j < m; j++)
-                if (above(key_of(score[j]), s + j, kth, last_tie)) e += (double)t[j] * (double)t[j];
+            for (int l = 0; l < 16; l++) e += part[l];
+            for (; j < m; j++) e += mask[j] * (t[j] * t[j]);
             energy[i] += e;
         }
     }
@@ -374,11 +404,9 @@ typedef struct {
     float *out;
 } merge_spec;
 
-/* Keep t[j] where kth_o-rule keeps and kth_i-rule does not (see `above`), for positions s..s+m−1. The block
+/* Keep t[j] where kth_o-rule keeps and kth_i-rule does not (the top-k rule above), for positions s..s+m−1. The block
  * is cut where a rule's last kept tie falls, so that in each piece each rule is one integer threshold and the
  * loop vectorises: "key > kth, or == kth at a position <= last" is key > kth − 1 up to last, key > kth after. */
-static int32_t threshold32(int64_t t) { return t < -1 ? -1 : (t > INT32_MAX ? INT32_MAX : (int32_t)t); }
-
 static void keep_band(float *restrict t, int64_t s, int64_t m, int64_t ok, int64_t ol, int64_t ik, int64_t il) {
     int64_t cut[4] = {s, ol + 1, il + 1, s + m};
     for (int c = 1; c <= 2; c++) cut[c] = cut[c] < s ? s : (cut[c] > s + m ? s + m : cut[c]);
@@ -433,7 +461,7 @@ int mergeplug_fused_merge(const merge_spec *sp, int64_t start, int64_t stop) {
         if (sp->select) {
             scores_block(in, SCORE_VARIANCE, 0, s, m, b, tv, score); /* leaves τ_i in tv, overwrites b */
             load_block(in->base, in->base_dtype, s, m, b);
-            for (int64_t j = 0; j < m; j++) u[j] = above(key_of(score[j]), s + j, sp->select_kth, sp->select_last);
+            selected_mask(score, s, m, sp->select_kth, sp->select_last, u);
             for (int64_t i = 0; i < n; i++) {
                 float *t = tv + i * BLOCK;
                 for (int64_t j = 0; j < m; j++) t[j] = u[j] != 0.0f ? t[j] : 0.0f;

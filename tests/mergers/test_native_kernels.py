@@ -311,3 +311,25 @@ def _merge_in_child(base, models):
                           [{"weight": 1.0, "density": 0.2} for _ in models])
     return ties_task_vectors(inputs, top_magnitudes_prune(inputs, [0.2] * 3), sign_method="sum", normalize=True,
                              scale=1.0)
+
+
+def test_a_build_without_avx512_merges_the_same_bytes(lib, tmp_path, monkeypatch, make_merger, make_inputs):
+    """kernels.c has an AVX-512 path (compress-store of band keys) and a portable one: both give the same."""
+    base, models = _weights(torch.bfloat16, discrete=False)
+    cases = [("ties", {"density": 0.2}), ("breadcrumbs", {"density": 0.3, "gamma": 0.02}), ("sce", {})]
+
+    def merged():
+        out = []
+        for method, params in cases:
+            inputs = make_inputs(method, base, models, None, params)
+            inputs.compute_dtype = torch.float32
+            out.append(make_merger(method).merge(inputs))
+        return out
+
+    default = merged()
+    monkeypatch.setenv(native.CACHE_ENV, str(tmp_path))
+    monkeypatch.setattr(native, "FLAGS", (*native.FLAGS, "-mno-avx512f"))
+    monkeypatch.setattr(native, "_state", {})
+    assert native.library() is not None
+    for a, b in zip(default, merged()):
+        assert torch.equal(a, b)
