@@ -74,3 +74,15 @@ def test_one_model_is_dropped_by_k_two_and_kept_by_k_one(merge):
 
 def test_all_zero_task_vectors_give_the_base(merge):
     assert_close(merge(BASE, [BASE.clone(), BASE.clone()], {"k": 0}), BASE)
+
+
+def test_bfloat16_inputs_as_stored_merge_like_their_float32_values(make_merger, make_inputs):
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(300, 700, generator=gen).to(torch.bfloat16)
+    models = [(base.float() + 0.1 * torch.randn(300, 700, generator=gen)).to(torch.bfloat16) for _ in range(3)]
+    stored = make_inputs("consensus_ta", base, models)
+    stored.compute_dtype = torch.float32  # as the engine passes them: stored_dtype_inputs
+    converted = make_inputs("consensus_ta", base.float(), [m.float() for m in models])
+    merger = make_merger("consensus_ta")
+    got = merger.merge(stored)
+    assert got.dtype == torch.float32 and torch.equal(got, merger.merge(converted))

@@ -25,6 +25,7 @@ from mergeplug.merging import Merger, TensorInputs, elementwise_in_chunks, weigh
 
 class ConsensusTaskArithmetic(Merger):
     needs_base = True
+    stored_dtype_inputs = True  # converted a cache-sized chunk at a time, not as whole float32 copies
 
     def merge(self, inputs: TensorInputs) -> torch.Tensor:
         if inputs.base is None:
@@ -32,8 +33,10 @@ class ConsensusTaskArithmetic(Merger):
         weights = inputs.weights("weight")
         lambda_t = [float(own["lambda_t"]) for own in inputs.model_parameters]
         k, scale = int(inputs.parameters["k"]), float(inputs.parameters["lambda"])
+        dtype = inputs.compute_dtype or inputs.base.dtype
 
         def consensus(part: list[torch.Tensor]) -> torch.Tensor:
+            part = [x.to(dtype) for x in part]
             base, task_vectors = part[0], [m - part[0] for m in part[1:]]
             multi_task = weighted_sum(task_vectors, weights)
             votes = torch.zeros(multi_task.shape, dtype=torch.int32, device=multi_task.device)
@@ -42,4 +45,4 @@ class ConsensusTaskArithmetic(Merger):
             return base + scale * torch.where(votes >= k, multi_task, torch.zeros_like(multi_task))
 
         # Every step is elementwise per position: run it a cache-sized chunk at a time.
-        return elementwise_in_chunks(consensus, [inputs.base, *inputs.models])
+        return elementwise_in_chunks(consensus, [inputs.base, *inputs.models], dtype=dtype)
