@@ -26,7 +26,7 @@ enum { KEEP_ALL = 0, KEEP_BAND = 1, KEEP_RANDOM = 2, KEEP_RANKED = 3 };
 enum { REDUCE_SUM = 0, REDUCE_TIES = 1 };
 enum { SCORE_MAGNITUDE = 0, SCORE_VARIANCE = 1 };
 
-int mergeplug_kernels_version(void) { return 17; }
+int mergeplug_kernels_version(void) { return 18; }
 
 static void load_block(const void *src, int32_t dtype, int64_t start, int64_t count, float *dst) {
     if (dtype == DTYPE_F32) {
@@ -303,7 +303,9 @@ int mergeplug_selected_energy(const inputs_spec *in, int64_t start, int64_t stop
  * a key). The keys are first made narrow without changing their order: zeros stay 0, a nonzero key k becomes
  * ((k − smallest nonzero) >> z) + 1, z being the trailing zero bits all nonzero keys share. A bfloat16 task
  * vector's magnitudes share about 9 (few significant bits), so its ranks take two passes of 9 bits where
- * the raw 31-bit keys would take three of 11. counts: room for 3 · 2048. */
+ * the raw 31-bit keys would take three of 11. Each pass counts and scatters the two halves of the row side
+ * by side, with a counter array each: repeated keys (many, in a bfloat16 task vector) then make two
+ * independent chains of increments instead of one. counts: room for 2 · 2048. */
 static void radix_ranks(const uint32_t *keys, int64_t n, uint64_t *packed, uint64_t *spare, uint32_t *counts,
                         uint32_t *rank) {
     uint32_t below = UINT32_MAX, high = 0, ored = 0; /* below: the smallest nonzero key − 1 (0 wraps to max) */
@@ -319,28 +321,40 @@ static void radix_ranks(const uint32_t *keys, int64_t n, uint64_t *packed, uint6
     int bits = top ? 32 - __builtin_clz(top) : 0;
     int passes = (bits + 10) / 11, width = passes ? (bits + passes - 1) / passes : 0;
     uint32_t bins = 1u << width, mask = bins - 1u;
-    memset(counts, 0, (size_t)passes * bins * sizeof(uint32_t));
     for (int64_t j = 0; j < n; j++) {
         uint32_t k = keys[j];
         uint32_t narrow = k ? ((k - low) >> zeros) + 1u : 0u;
         packed[j] = ((uint64_t)narrow << 32) | (uint64_t)j;
-        for (int d = 0; d < passes; d++) counts[d * bins + ((narrow >> (d * width)) & mask)]++;
     }
+    int64_t half = n / 2;
     uint64_t *src = packed, *dst = spare;
     for (int d = 0; d < passes; d++) {
-        uint32_t *h = counts + d * bins, total = 0;
+        int shift = 32 + d * width;
+        uint32_t *first = counts, *second = counts + bins; /* counts of [0, half) and of [half, n) */
+        memset(counts, 0, 2 * (size_t)bins * sizeof(uint32_t));
+        for (int64_t r = 0; r < half; r++) {
+            first[(src[r] >> shift) & mask]++;
+            second[(src[half + r] >> shift) & mask]++;
+        }
+        for (int64_t r = 2 * half; r < n; r++) second[(src[r] >> shift) & mask]++;
+        uint32_t total = 0;
         int shared = 0;
-        for (uint32_t v = 0; v < bins; v++) {
-            if (h[v] == (uint32_t)n) shared = 1;
-            uint32_t here = h[v];
-            h[v] = total; /* counts become each digit's first slot */
-            total += here;
+        for (uint32_t v = 0; v < bins; v++) { /* a digit's slots: the first half's entries, then the second's */
+            uint32_t a = first[v], b = second[v];
+            if (a + b == (uint32_t)n) shared = 1;
+            first[v] = total;
+            second[v] = total + a;
+            total += a + b;
         }
         if (shared) continue; /* every key has this digit: the order stands */
-        int shift = 32 + d * width;
-        for (int64_t r = 0; r < n; r++) {
-            uint64_t x = src[r];
-            dst[h[(x >> shift) & mask]++] = x;
+        for (int64_t r = 0; r < half; r++) {
+            uint64_t x = src[r], y = src[half + r];
+            dst[first[(x >> shift) & mask]++] = x;
+            dst[second[(y >> shift) & mask]++] = y;
+        }
+        for (int64_t r = 2 * half; r < n; r++) {
+            uint64_t y = src[r];
+            dst[second[(y >> shift) & mask]++] = y;
         }
         uint64_t *swap = src; src = dst; dst = swap;
     }
@@ -359,7 +373,7 @@ int mergeplug_row_probabilities(const inputs_spec *in, int64_t model, int64_t ro
     uint32_t *rank = (uint32_t *)malloc((size_t)n * sizeof(uint32_t));
     uint64_t *packed = (uint64_t *)malloc((size_t)n * sizeof(uint64_t));
     uint64_t *spare = (uint64_t *)malloc((size_t)n * sizeof(uint64_t));
-    uint32_t *counts = (uint32_t *)malloc(3 * 2048 * sizeof(uint32_t));
+    uint32_t *counts = (uint32_t *)malloc(2 * 2048 * sizeof(uint32_t));
     if (!b || !t || !keys || !rank || !packed || !spare || !counts) {
         free(b); free(t); free(keys); free(rank); free(packed); free(spare); free(counts);
         return -1;
