@@ -1317,6 +1317,15 @@ def _fused_merge(inputs: TensorInputs, prune: ChunkPruner | None, *, reduce: int
     if not ranked:
         native.parallel(fused, 0, size, threads)
         return out
+    # MAGPRUNE ranks within rows: the kernels take a row at a time, each thread whole rows.
+    row = held.shape[-1]
+    spec.row_length = row
+    spec.slope = ints([r["epsilon"] / (row - 1) if r["kind"] == native.KEEP_RANKED else 0.0 for r in rules],
+                      ctypes.c_float)  # as magprune_keep_probabilities: ε/(n − 1) · rank + density − ε/2
+    spec.offset = ints([r["density"] - r["epsilon"] / 2 if r["kind"] == native.KEEP_RANKED else 0.0 for r in rules],
+                       ctypes.c_float)
+    native.parallel(lambda lo, hi: fused(lo * row, hi * row), 0, size // row, threads, grain=max(1, 4096 // row))
+    return out
     # MAGPRUNE ranks within rows: a block of rows at a time (1M entries: few thread hand-offs, and each
     # model's 4 MiB of probabilities still in the cache when the merge reads them), the probabilities first.
     row = held.shape[-1]

@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 SWITCH_ENV = "MERGEPLUG_NATIVE"
-KERNELS_VERSION = 18  # kernels.c's mergeplug_kernels_version(): a cached library of another is rebuilt
+KERNELS_VERSION = 19  # kernels.c's mergeplug_kernels_version(): a cached library of another is rebuilt
 CACHE_ENV = "MERGEPLUG_CACHE"
 SOURCE = Path(__file__).with_name("kernels.c")
 #: -ffp-contract=off: no multiply-add is fused unless the source says so, so the arithmetic is torch's, step
@@ -61,7 +61,7 @@ class MergeSpec(ctypes.Structure):
     _fields_ = [("inputs", InputsSpec), ("rule", ctypes.POINTER(ctypes.c_int32)),
                 ("outer_kth", _i64p), ("outer_last", _i64p), ("inner_kth", _i64p), ("inner_last", _i64p),
                 ("density", _f32p), ("rng_key", ctypes.POINTER(ctypes.c_uint64)),
-                ("probability", ctypes.POINTER(ctypes.c_void_p)), ("probability_offset", ctypes.c_int64),
+                ("slope", _f32p), ("offset", _f32p), ("row_length", ctypes.c_int64),
                 ("rescale", ctypes.c_int32), ("select", ctypes.c_int32), ("select_kth", ctypes.c_int64),
                 ("select_last", ctypes.c_int64), ("reduce", ctypes.c_int32), ("weight", _f32p), ("vote", _f32p),
                 ("sign_count", ctypes.c_int32), ("normalize", ctypes.c_int32), ("weight_total", ctypes.c_float),
@@ -120,7 +120,6 @@ def _declare(lib: ctypes.CDLL) -> None:
         "mergeplug_touch": ([c_vp, c_i64], c_i64),
         "mergeplug_find_key": ([spec, c_i32, c_i64, c_i64, c_i64, c_i64, c_i64], c_i64),
         "mergeplug_selected_energy": ([spec, c_i64, c_i64, c_i64, c_i64, c_vp], ctypes.c_int),
-        "mergeplug_row_probabilities": ([spec, c_i64, c_i64, c_i64, c_i64, c_f32, c_f32, c_vp], ctypes.c_int),
         "mergeplug_fused_merge": ([ctypes.POINTER(MergeSpec), c_i64, c_i64], ctypes.c_int),
     }
     for name, (args, result) in signatures.items():

@@ -26,7 +26,7 @@ enum { KEEP_ALL = 0, KEEP_BAND = 1, KEEP_RANDOM = 2, KEEP_RANKED = 3 };
 enum { REDUCE_SUM = 0, REDUCE_TIES = 1 };
 enum { SCORE_MAGNITUDE = 0, SCORE_VARIANCE = 1 };
 
-int mergeplug_kernels_version(void) { return 18; }
+int mergeplug_kernels_version(void) { return 19; }
 
 static void load_block(const void *src, int32_t dtype, int64_t start, int64_t count, float *dst) {
     if (dtype == DTYPE_F32) {
@@ -361,39 +361,6 @@ static void radix_ranks(const uint32_t *keys, int64_t n, uint64_t *packed, uint6
     for (int64_t r = 0; r < n; r++) rank[(uint32_t)src[r]] = (uint32_t)r;
 }
 
-/* DELLA's MAGPRUNE keep probabilities for rows [row_start, row_stop) of one model's τ (rows of row_length):
- * the stable rank r of |τ| within its row (0 for the smallest), as a float times a, plus c, as torch's
- * argsort-based magprune_keep_probabilities computes it. out holds (row_stop − row_start) · row_length floats. */
-int mergeplug_row_probabilities(const inputs_spec *in, int64_t model, int64_t row_start, int64_t row_stop,
-                                int64_t row_length, float a, float c, float *out) {
-    int64_t n = row_length;
-    float *b = (float *)malloc((size_t)n * sizeof(float));
-    float *t = (float *)malloc((size_t)n * sizeof(float));
-    uint32_t *keys = (uint32_t *)malloc((size_t)n * sizeof(uint32_t));
-    uint32_t *rank = (uint32_t *)malloc((size_t)n * sizeof(uint32_t));
-    uint64_t *packed = (uint64_t *)malloc((size_t)n * sizeof(uint64_t));
-    uint64_t *spare = (uint64_t *)malloc((size_t)n * sizeof(uint64_t));
-    uint32_t *counts = (uint32_t *)malloc(2 * 2048 * sizeof(uint32_t));
-    if (!b || !t || !keys || !rank || !packed || !spare || !counts) {
-        free(b); free(t); free(keys); free(rank); free(packed); free(spare); free(counts);
-        return -1;
-    }
-    for (int64_t row = row_start; row < row_stop; row++) {
-        int64_t start = row * n;
-        load_block(in->base, in->base_dtype, start, n, b);
-        load_block(in->models[model], in->model_dtypes[model], start, n, t);
-        for (int64_t j = 0; j < n; j++) keys[j] = (uint32_t)key_of(t[j] - b[j]);
-        radix_ranks(keys, n, packed, spare, counts, rank);
-        float *row_out = out + (row - row_start) * n;
-        for (int64_t j = 0; j < n; j++) {
-            float p = (float)rank[j] * a;
-            row_out[j] = p + c;
-        }
-    }
-    free(b); free(t); free(keys); free(rank); free(packed); free(spare); free(counts);
-    return 0;
-}
-
 typedef struct {
     inputs_spec in;
     /* per model: how its task vector is pruned */
@@ -401,8 +368,8 @@ typedef struct {
     const int64_t *outer_kth, *outer_last, *inner_kth, *inner_last; /* KEEP_BAND: above outer and not inner */
     const float *density;                                           /* KEEP_RANDOM: keep probability */
     const uint64_t *rng_key;                                        /* KEEP_RANDOM, KEEP_RANKED */
-    const float *const *probability; /* KEEP_RANKED: entry at position p is probability[i][p − probability_offset] */
-    int64_t probability_offset;
+    const float *slope, *offset;     /* KEEP_RANKED: keep probability slope · rank + offset, ranks within rows */
+    int64_t row_length;              /* KEEP_RANKED: the rows (then each call's range is whole rows) */
     int32_t rescale;                 /* divide kept entries by their keep probability */
     /* an optional selection shared by all models (SCE): positions whose variance across models is in the top */
     int32_t select;
@@ -439,7 +406,15 @@ static void keep_band(float *restrict t, int64_t s, int64_t m, int64_t ok, int64
     }
 }
 
-static void prune_block(const merge_spec *sp, int64_t i, int64_t s, int64_t m, float *restrict t, float *restrict u) {
+/* Scratch for ranking one row (KEEP_RANKED). */
+typedef struct {
+    uint32_t *keys, *rank, *counts;
+    uint64_t *packed, *spare;
+    float *p;
+} rank_work;
+
+static void prune_block(const merge_spec *sp, int64_t i, int64_t s, int64_t m, float *restrict t, float *restrict u,
+                        rank_work *w) {
     int32_t rule = sp->rule[i];
     if (rule == KEEP_BAND) {
         keep_band(t, s, m, sp->outer_kth[i], sp->outer_last[i], sp->inner_kth[i], sp->inner_last[i]);
@@ -450,8 +425,15 @@ static void prune_block(const merge_spec *sp, int64_t i, int64_t s, int64_t m, f
         for (int64_t j = 0; j < m; j++) t[j] = t[j] * (u[j] < d ? 1.0f : 0.0f);
         if (sp->rescale)
             for (int64_t j = 0; j < m; j++) t[j] = t[j] / d;
-    } else if (rule == KEEP_RANKED) {
-        const float *restrict p = sp->probability[i] + (s - sp->probability_offset);
+    } else if (rule == KEEP_RANKED) { /* the block is one row: rank |τ| within it (DELLA's MAGPRUNE) */
+        for (int64_t j = 0; j < m; j++) w->keys[j] = (uint32_t)key_of(t[j]);
+        radix_ranks(w->keys, m, w->packed, w->spare, w->counts, w->rank);
+        float *restrict p = w->p;
+        const float slope = sp->slope[i], offset = sp->offset[i];
+        for (int64_t j = 0; j < m; j++) { /* as magprune_keep_probabilities: a product, then a sum */
+            float product = (float)w->rank[j] * slope;
+            p[j] = product + offset;
+        }
         const uint64_t key = sp->rng_key[i];
         for (int64_t j = 0; j < m; j++) u[j] = uniform_at(key, (uint64_t)(s + j));
         if (sp->rescale) {
@@ -466,35 +448,51 @@ static void prune_block(const merge_spec *sp, int64_t i, int64_t s, int64_t m, f
 int mergeplug_fused_merge(const merge_spec *sp, int64_t start, int64_t stop) {
     const inputs_spec *in = &sp->in;
     int64_t n = in->n_models;
-    float *buf = (float *)malloc((size_t)(n + 6) * BLOCK * sizeof(float));
-    if (!buf) return -1;
-    float *b = buf, *acc = buf + BLOCK, *aux = buf + 2 * BLOCK, *total = buf + 3 * BLOCK,
-          *u = buf + 4 * BLOCK, *score = buf + 5 * BLOCK, *tv = buf + 6 * BLOCK;
-    for (int64_t s = start; s < stop; s += BLOCK) {
-        int64_t m = stop - s < BLOCK ? stop - s : BLOCK;
+    /* A block of BLOCK entries, or, when a model's entries are ranked within rows, one row. */
+    int64_t step = sp->row_length > 0 ? sp->row_length : BLOCK;
+    if (sp->row_length > 0 && sp->select) return -2; /* SCE's selection works on BLOCK-sized blocks */
+    float *buf = (float *)malloc((size_t)(n + 7) * step * sizeof(float));
+    rank_work w = {0};
+    if (sp->row_length > 0) {
+        w.keys = (uint32_t *)malloc((size_t)step * sizeof(uint32_t));
+        w.rank = (uint32_t *)malloc((size_t)step * sizeof(uint32_t));
+        w.counts = (uint32_t *)malloc(2 * 2048 * sizeof(uint32_t));
+        w.packed = (uint64_t *)malloc((size_t)step * sizeof(uint64_t));
+        w.spare = (uint64_t *)malloc((size_t)step * sizeof(uint64_t));
+    }
+    int ok = buf && (sp->row_length == 0 || (w.keys && w.rank && w.counts && w.packed && w.spare));
+    if (!ok) {
+        free(buf); free(w.keys); free(w.rank); free(w.counts); free(w.packed); free(w.spare);
+        return -1;
+    }
+    float *b = buf, *acc = buf + step, *aux = buf + 2 * step, *total = buf + 3 * step,
+          *u = buf + 4 * step, *score = buf + 5 * step, *tv = buf + 7 * step;
+    w.p = buf + 6 * step;
+    for (int64_t s = start; s < stop; s += step) {
+        int64_t m = stop - s < step ? stop - s : step;
         if (sp->select) {
             scores_block(in, SCORE_VARIANCE, 0, s, m, b, tv, score); /* leaves τ_i in tv, overwrites b */
             load_block(in->base, in->base_dtype, s, m, b);
             selected_mask(score, s, m, sp->select_kth, sp->select_last, u);
             for (int64_t i = 0; i < n; i++) {
-                float *t = tv + i * BLOCK;
+                float *t = tv + i * step;
                 for (int64_t j = 0; j < m; j++) t[j] = u[j] != 0.0f ? t[j] : 0.0f;
             }
         } else {
             load_block(in->base, in->base_dtype, s, m, b);
             for (int64_t i = 0; i < n; i++) {
-                float *t = tv + i * BLOCK;
+                float *t = tv + i * step;
                 load_block(in->models[i], in->model_dtypes[i], s, m, t);
                 for (int64_t j = 0; j < m; j++) t[j] = t[j] - b[j];
             }
         }
-        for (int64_t i = 0; i < n; i++) prune_block(sp, i, s, m, tv + i * BLOCK, u);
+        for (int64_t i = 0; i < n; i++) prune_block(sp, i, s, m, tv + i * step, u, &w);
 
         if (sp->reduce == REDUCE_SUM) { /* weighted_sum: a product, then fused adds */
             float w0 = sp->weight[0];
             for (int64_t j = 0; j < m; j++) acc[j] = tv[j] * w0;
             for (int64_t i = 1; i < n; i++) {
-                const float *t = tv + i * BLOCK;
+                const float *t = tv + i * step;
                 float w = sp->weight[i];
                 for (int64_t j = 0; j < m; j++) acc[j] = fmaf(t[j], w, acc[j]);
             }
@@ -503,7 +501,7 @@ int mergeplug_fused_merge(const merge_spec *sp, int64_t start, int64_t stop) {
         } else { /* TIES: elect a sign, then the disjoint sum or mean of the entries that agree with it */
             for (int64_t j = 0; j < m; j++) total[j] = 0.0f;
             for (int64_t i = 0; i < n; i++) {
-                const float *t = tv + i * BLOCK;
+                const float *t = tv + i * step;
                 float v = sp->vote[i];
                 if (sp->sign_count) {
                     if (v == 0.0f) continue;
@@ -519,7 +517,7 @@ int mergeplug_fused_merge(const merge_spec *sp, int64_t start, int64_t stop) {
                 aux[j] = 0.0f;
             }
             for (int64_t i = 0; i < n; i++) {
-                const float *t = tv + i * BLOCK;
+                const float *t = tv + i * step;
                 float w = sp->weight[i];
                 for (int64_t j = 0; j < m; j++) {
                     float agreement = t[j] * total[j];
@@ -542,6 +540,6 @@ int mergeplug_fused_merge(const merge_spec *sp, int64_t start, int64_t stop) {
             memcpy(o, acc, (size_t)m * sizeof(float));
         }
     }
-    free(buf);
+    free(buf); free(w.keys); free(w.rank); free(w.counts); free(w.packed); free(w.spare);
     return 0;
 }

@@ -23,7 +23,6 @@ from mergeplug.merging import (
     _native_inputs,
     _NativeScan,
     _scan_bands,
-    magprune_keep_probabilities,
     task_vector_chunks,
     uniform,
 )
@@ -207,18 +206,23 @@ def test_variance_selection_and_its_energy_match_torch(lib, make_inputs, monkeyp
     assert_close(plain.energy(), expected, rtol=1e-5, atol=0)
 
 
-def test_magprune_probabilities_from_the_radix_ranks_equal_torch_argsort(lib, make_inputs):
-    base, models = _weights(torch.bfloat16, discrete=True)  # many equal magnitudes: ranks by position
-    inputs = make_inputs("della", base, models)
-    inputs.compute_dtype = torch.float32
-    held = _native_inputs(inputs)
-    density, epsilon = 0.4, 0.3
-    out = torch.empty(ROWS, COLS)
-    slope, offset = epsilon / (COLS - 1), density - epsilon / 2
-    assert lib.mergeplug_row_probabilities(ctypes.byref(held.spec), 0, 0, ROWS, COLS, slope, offset,
-                                           out.data_ptr()) == 0
-    expected = magprune_keep_probabilities(models[0].float() - base.float(), density, epsilon)
-    assert torch.equal(out, expected)
+@pytest.mark.parametrize("cols", [1024, 2817, 3])
+def test_magprune_with_ranks_from_the_radix_sort_keeps_what_argsort_ranks_keep(lib, monkeypatch, make_inputs, cols):
+    """DELLA's kernels rank each row by a radix sort; torch by a stable argsort. With rescale, a kept entry is
+    divided by its rank's probability, so one rank off shows in the merged value."""
+    gen = torch.Generator().manual_seed(cols)
+    rows = (1 << 19) // cols + 1
+    base = torch.zeros(rows, cols)
+    models = [(torch.randint(-4, 5, (rows, cols), generator=gen) * 0.125).to(torch.bfloat16) for _ in range(2)]
+    from mergeplug.merging import magprune_prune, summed_task_vectors
+
+    def run():
+        inputs = make_inputs("della_linear", base.to(torch.bfloat16), models)
+        inputs.compute_dtype = torch.float32
+        return summed_task_vectors(inputs, magprune_prune(inputs, [0.45, 0.6], [0.3, 0.5]), scale=1.0)
+
+    fused, eager = _both_ways(monkeypatch, run)
+    assert torch.equal(fused, eager)
 
 
 def test_uniform_numbers_are_the_same_in_torch_and_c_and_chunked_or_whole(lib):
