@@ -110,7 +110,7 @@ def _compile(target: Path) -> None:
 
 
 def _declare(lib: ctypes.CDLL) -> None:
-    c_i64, c_i32, c_f32, c_vp = ctypes.c_int64, ctypes.c_int32, ctypes.c_float, ctypes.c_void_p
+    c_i64, c_i32, c_vp = ctypes.c_int64, ctypes.c_int32, ctypes.c_void_p
     spec = ctypes.POINTER(InputsSpec)
     signatures = {
         "mergeplug_kernels_version": ([], ctypes.c_int),

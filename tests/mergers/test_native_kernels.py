@@ -7,7 +7,6 @@ the other would break by the size of that entry.
 """
 from __future__ import annotations
 
-import ctypes
 import shutil
 import subprocess
 import warnings
