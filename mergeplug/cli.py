@@ -222,7 +222,12 @@ def new_plugin_command(kind, name, output):
               help="Padded tokens per forward pass when the merger runs the models on data (Fisher, RegMean, "
                    "trained Localize-and-Stitch): speed and memory only, not the result. [default: 4096]")
 def merge_command(recipe, output, force, device, dtype, statistics_batch_tokens):
-    """Merge the models of RECIPE (mergeplug or mergekit YAML) into OUTPUT, streaming tensor by tensor."""
+    """Merge the models of RECIPE (mergeplug or mergekit YAML) into OUTPUT, streaming tensor by tensor.
+
+    On the CPU the pruning mergers (ties, dare_*, breadcrumbs*, della*, sce) run as fused C kernels that
+    the first such merge compiles with the system's C compiler and caches; MERGEPLUG_NATIVE=0 (or no
+    compiler) runs them as torch operations instead, with the same results to float32 rounding.
+    """
     from .engine import merge
     from .recipe import load_recipe
 

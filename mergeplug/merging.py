@@ -46,6 +46,8 @@ class TensorInputs:
     #: The dtype to compute in (the recipe's ``compute_dtype``); None: the inputs' own. The inputs already
     #: arrive in it unless the merger sets ``stored_dtype_inputs``.
     compute_dtype: torch.dtype | None = None
+    #: The fused kernels' view of these inputs, built on first use (not part of the contract).
+    _native_view: Any = field(default=None, init=False, repr=False, compare=False)
 
     def task_vectors(self) -> list[torch.Tensor]:
         """τ_i = θ_i − θ_base for every model (Ilharco et al., arXiv:2212.04089); see :func:`task_vector`."""
@@ -250,9 +252,8 @@ class TopMagnitudes:
         self._exact: torch.Tensor | None = None  # dtypes without a bit ordering: a plain mask, sliced
         self._key_dtype: torch.dtype | None = None  # the dtype whose bit patterns kth is in
         self._last_tie: int | None = None  # instead of _tie_positions: ties kept up to this position
-        if 0 < k < n and not _defer:
-            if scan is None or not self._cut_from_scan(scan):
-                self._find_cut(chunks)
+        if 0 < k < n and not _defer and id(self) not in _cuts_from_scans([(self, scan)]):
+            self._find_cut(chunks)
 
     @classmethod
     def together(cls, requests: list[tuple[Callable[[], Iterable[torch.Tensor]], int, "_NativeScan | None"]],
@@ -261,15 +262,7 @@ class TopMagnitudes:
         all cuts whose scans share one tensor's inputs in one pass (every model's trim; Breadcrumbs' two cuts
         of each model), which reads the base once."""
         tops = [cls(chunks, k, n, _defer=True) for chunks, k, _ in requests]
-        pending = [(top, scan, top._scan_bracket(scan)) for top, (_, _, scan) in zip(tops, requests)
-                   if 0 < top.k < n and scan is not None]
-        pending = [(top, scan, bracket) for top, scan, bracket in pending if bracket is not None]
-        settled = set()
-        if pending:
-            found = _scan_bands([(scan, bracket) for _, scan, bracket in pending])
-            for (top, scan, bracket), (result, band) in zip(pending, found):
-                if top._settle_band(scan, bracket, result, band):
-                    settled.add(id(top))
+        settled = _cuts_from_scans([(top, scan) for top, (_, _, scan) in zip(tops, requests)])
         for top, (chunks, _, _) in zip(tops, requests):
             if 0 < top.k < n and id(top) not in settled:
                 top._find_cut(chunks)
@@ -288,18 +281,6 @@ class TopMagnitudes:
             return int(self.kth), self._last_tie
         last = int(self._tie_positions[-1]) if self._tie_positions.numel() else -1
         return int(self.kth), last
-
-    def _cut_from_scan(self, scan: "_NativeScan") -> bool:
-        """:meth:`_cut_from_sample` done by the fused kernels: a sample of the keys (evenly spaced runs of
-        consecutive positions: one cache line each, where single positions cost a cache miss each), then one
-        pass on all threads that counts the keys above the bracket and collects (or, for few distinct keys,
-        counts) those inside it, and, when the cut splits a run of equal keys, one more to find the last kept
-        one. False (and the torch path) when the bracket does not hold the cut."""
-        bracket = self._scan_bracket(scan)
-        if bracket is None:
-            return False
-        ((result, band),) = _scan_bands([(scan, bracket)])
-        return self._settle_band(scan, bracket, result, band)
 
     def _scan_bracket(self, scan: "_NativeScan") -> tuple[int, int] | None:
         if self.n // (1 << 16) < 8:
@@ -451,9 +432,28 @@ class TopMagnitudes:
         return out
 
 
+def _cuts_from_scans(items: list[tuple[TopMagnitudes, "_NativeScan | None"]]) -> set[int]:
+    """:meth:`TopMagnitudes._cut_from_sample` done by the fused kernels, for several cuts over one tensor's
+    inputs at once: a sample of each score's keys (evenly spaced runs of consecutive positions: one cache line
+    each, where single positions cost a cache miss each) brackets each cut, then one pass on all threads counts
+    the keys above each bracket and collects (or, for few distinct keys, counts) those inside it; a cut that
+    splits a run of equal keys searches one thread's range for its last kept one. Returns the ids of the
+    TopMagnitudes settled; the others (no scan, k of 0 or n, or a bracket that misses) are left to torch."""
+    pending = [(top, scan, top._scan_bracket(scan)) for top, scan in items if scan is not None and 0 < top.k < top.n]
+    pending = [(top, scan, bracket) for top, scan, bracket in pending if bracket is not None]
+    settled = set()
+    if pending:
+        found = _scan_bands([(scan, bracket) for _, scan, bracket in pending])
+        for (top, scan, bracket), (result, band) in zip(pending, found):
+            if top._settle_band(scan, bracket, result, band):
+                settled.add(id(top))
+    return settled
+
+
 def _sample_bracket(sample: torch.Tensor, q: float) -> tuple[int, int] | None:
     """Keys lo <= hi that hold the entry of rank q·n from the top with overwhelming probability (5 binomial
-    standard deviations of the sample's order statistics); None when q is too close to 0 or 1 for the sample to help, or the bracket reaches zero."""
+    standard deviations of the sample's order statistics); None when q is too close to 0 or 1 for the sample
+    to help, or the bracket reaches zero."""
     m = sample.numel()
     spread = 5.0 * math.sqrt(m * q * (1.0 - q)) + 16.0
     above_hi, above_lo = int(q * m - spread), int(q * m + spread)  # sample entries above hi, above lo
@@ -702,9 +702,8 @@ def breadcrumbs_mask(t: torch.Tensor, density: float, gamma: float) -> torch.Ten
     position.
     """
     n = t.numel()
-    n_keep = min(max(int(round(density * n)), 0), n)
-    n_top = min(max(int(round(gamma * n)), 0), n - n_keep)
-    outer, inner = TopMagnitudes(_chunks_of(t), n_top + n_keep, n), TopMagnitudes(_chunks_of(t), n_top, n)
+    n_outer, n_inner = _breadcrumbs_counts(n, density, gamma)
+    outer, inner = TopMagnitudes(_chunks_of(t), n_outer, n), TopMagnitudes(_chunks_of(t), n_inner, n)
     flat = t.reshape(-1)
     return (outer.mask(flat) & ~inner.mask(flat)).view_as(t)
 
@@ -911,8 +910,8 @@ def _top_magnitudes_of(inputs: TensorInputs, densities: list[float]) -> list[Top
     n = inputs.models[0].numel()
     held = _native_inputs(inputs)
     return TopMagnitudes.together(
-        [(task_vector_chunks(inputs, i), int(round(d * n)), _NativeScan(held, native.SCORE_MAGNITUDE, i) if held else None)
-         for i, d in enumerate(densities)], n)
+        [(task_vector_chunks(inputs, i), int(round(d * n)),
+          _NativeScan(held, native.SCORE_MAGNITUDE, i) if held else None) for i, d in enumerate(densities)], n)
 
 
 def top_magnitudes_keep(inputs: TensorInputs, densities: list[float]) -> KeepRule:
@@ -932,16 +931,23 @@ def magnitude_threshold_prune(thresholds: list[float]) -> MagnitudeThreshold:
     return MagnitudeThreshold(thresholds)
 
 
+def _breadcrumbs_counts(n: int, density: float, gamma: float) -> tuple[int, int]:
+    """Model Breadcrumbs' two top-k sizes over n entries: outliers + kept, and outliers (the band between them
+    is kept); the outliers shrink when gamma + density > 1 (see :func:`breadcrumbs_mask`)."""
+    n_keep = min(max(int(round(density * n)), 0), n)
+    n_top = min(max(int(round(gamma * n)), 0), n - n_keep)
+    return n_top + n_keep, n_top
+
+
 def _breadcrumbs_sets(inputs: TensorInputs, densities: list[float], gammas: list[float]):
     n = inputs.models[0].numel()
     held = _native_inputs(inputs)
     requests = []
     for i, (density, gamma) in enumerate(zip(densities, gammas)):
-        n_keep = min(max(int(round(density * n)), 0), n)
-        n_top = min(max(int(round(gamma * n)), 0), n - n_keep)
+        n_outer, n_inner = _breadcrumbs_counts(n, density, gamma)
         chunks = task_vector_chunks(inputs, i)
         scan = _NativeScan(held, native.SCORE_MAGNITUDE, i) if held else None
-        requests += [(chunks, n_top + n_keep, scan), (chunks, n_top, scan)]  # outer, inner
+        requests += [(chunks, n_outer, scan), (chunks, n_inner, scan)]
     tops = TopMagnitudes.together(requests, n)
     return tops[0::2], tops[1::2]
 
@@ -1168,7 +1174,11 @@ def _native_inputs(inputs: TensorInputs) -> _NativeInputs | None:
            for t in tensors) or inputs.base.numel() == 0:
         return None
     lib = native.library()
-    return _NativeInputs(inputs, lib) if lib is not None else None
+    if lib is None:
+        return None
+    if inputs._native_view is None:  # once per tensor: the pruning cuts and the merge share it
+        inputs._native_view = _NativeInputs(inputs, lib)
+    return inputs._native_view
 
 
 class _NativeScan:
@@ -1286,24 +1296,24 @@ def _fused_merge(inputs: TensorInputs, prune: ChunkPruner | None, *, reduce: int
     if any(rule is None for rule in rules) or (selection is not None and select is None):
         return None
 
-    def ints(values, ctype=ctypes.c_int64):
+    def array(values, ctype=ctypes.c_int64):  # one value per model, as the kernels' C array
         return (ctype * n)(*values)
 
     spec = native.MergeSpec()
     spec.inputs = held.spec
-    spec.rule = ints([r["kind"] for r in rules], ctypes.c_int32)
-    spec.outer_kth = ints([r.get("outer", _KEEP_EVERY)[0] for r in rules])
-    spec.outer_last = ints([r.get("outer", _KEEP_EVERY)[1] for r in rules])
-    spec.inner_kth = ints([r.get("inner", _KEEP_NONE)[0] for r in rules])
-    spec.inner_last = ints([r.get("inner", _KEEP_NONE)[1] for r in rules])
-    spec.density = ints([r.get("density", 1.0) for r in rules], ctypes.c_float)
-    spec.rng_key = ints([r.get("key", 0) for r in rules], ctypes.c_uint64)
+    spec.rule = array([r["kind"] for r in rules], ctypes.c_int32)
+    spec.outer_kth = array([r.get("outer", _KEEP_EVERY)[0] for r in rules])
+    spec.outer_last = array([r.get("outer", _KEEP_EVERY)[1] for r in rules])
+    spec.inner_kth = array([r.get("inner", _KEEP_NONE)[0] for r in rules])
+    spec.inner_last = array([r.get("inner", _KEEP_NONE)[1] for r in rules])
+    spec.density = array([r.get("density", 1.0) for r in rules], ctypes.c_float)
+    spec.rng_key = array([r.get("key", 0) for r in rules], ctypes.c_uint64)
     spec.rescale = int(bool(getattr(prune, "rescale", False)))
     spec.select = int(select is not None)
     spec.select_kth, spec.select_last = select if select is not None else _KEEP_EVERY
     spec.reduce = reduce
-    spec.weight = ints([float(w) for w in weights.tolist()], ctypes.c_float)
-    spec.vote = ints([float(v) for v in (votes if votes is not None else weights).tolist()], ctypes.c_float)
+    spec.weight = array([float(w) for w in weights.tolist()], ctypes.c_float)
+    spec.vote = array([float(v) for v in (votes if votes is not None else weights).tolist()], ctypes.c_float)
     spec.sign_count, spec.normalize, spec.weight_total = int(sign_count), int(normalize), weight_total
     spec.add_base, spec.scale = int(scale is not None), 1.0 if scale is None else scale
     out = torch.empty(held.shape, dtype=torch.float32)
@@ -1320,29 +1330,9 @@ def _fused_merge(inputs: TensorInputs, prune: ChunkPruner | None, *, reduce: int
     # MAGPRUNE ranks within rows: the kernels take a row at a time, each thread whole rows.
     row = held.shape[-1]
     spec.row_length = row
-    spec.slope = ints([r["epsilon"] / (row - 1) if r["kind"] == native.KEEP_RANKED else 0.0 for r in rules],
+    spec.slope = array([r["epsilon"] / (row - 1) if r["kind"] == native.KEEP_RANKED else 0.0 for r in rules],
                       ctypes.c_float)  # as magprune_keep_probabilities: ε/(n − 1) · rank + density − ε/2
-    spec.offset = ints([r["density"] - r["epsilon"] / 2 if r["kind"] == native.KEEP_RANKED else 0.0 for r in rules],
+    spec.offset = array([r["density"] - r["epsilon"] / 2 if r["kind"] == native.KEEP_RANKED else 0.0 for r in rules],
                        ctypes.c_float)
     native.parallel(lambda lo, hi: fused(lo * row, hi * row), 0, size // row, threads, grain=max(1, 4096 // row))
-    return out
-    # MAGPRUNE ranks within rows: a block of rows at a time (1M entries: few thread hand-offs, and each
-    # model's 4 MiB of probabilities still in the cache when the merge reads them), the probabilities first.
-    row = held.shape[-1]
-    block_rows = max(1, (ELEMENTWISE_CHUNK * 4) // row)
-    buffers = {i: torch.empty(min(block_rows, size // row) * row, dtype=torch.float32) for i in ranked}
-    probability = (ctypes.c_void_p * n)(*[buffers[i].data_ptr() if i in buffers else None for i in range(n)])
-    spec.probability = probability
-    lines = {i: (rules[i]["epsilon"] / (row - 1), rules[i]["density"] - rules[i]["epsilon"] / 2)
-             for i in ranked}  # slope and offset, as magprune_keep_probabilities computes them
-    for first in range(0, size // row, block_rows):
-        last = min(first + block_rows, size // row)
-
-        def probabilities(lo: int, hi: int, first=first) -> None:
-            for i in ranked:
-                _check(lib.mergeplug_row_probabilities(ctypes.byref(held.spec), i, lo, hi, row, *lines[i],
-                                                       buffers[i].data_ptr() + 4 * (lo - first) * row))
-        native.parallel(probabilities, first, last, threads, grain=max(1, 4096 // row))
-        spec.probability_offset = first * row
-        native.parallel(fused, first * row, last * row, threads)
     return out

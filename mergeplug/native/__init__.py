@@ -156,10 +156,6 @@ def library() -> ctypes.CDLL | None:
         return lib
 
 
-def available() -> bool:
-    return library() is not None
-
-
 def _executor(threads: int) -> ThreadPoolExecutor:
     """One pool per process and thread count: a forked child (whose copy of the pool has no threads) makes
     its own."""
