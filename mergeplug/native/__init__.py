@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 SWITCH_ENV = "MERGEPLUG_NATIVE"
-KERNELS_VERSION = 19  # kernels.c's mergeplug_kernels_version(): a cached library of another is rebuilt
+KERNELS_VERSION = 20  # kernels.c's mergeplug_kernels_version(): a cached library of another is rebuilt
 CACHE_ENV = "MERGEPLUG_CACHE"
 SOURCE = Path(__file__).with_name("kernels.c")
 #: -ffp-contract=off: no multiply-add is fused unless the source says so, so the arithmetic is torch's, step

@@ -205,18 +205,45 @@ def test_variance_selection_and_its_energy_match_torch(lib, make_inputs, monkeyp
     assert_close(plain.energy(), expected, rtol=1e-5, atol=0)
 
 
+def _rank_rows(kind: str, rows: int, cols: int, gen: torch.Generator):
+    """(base, two models) whose task-vector rows make the kernels' ranking take each of its ways."""
+    if kind == "few values":  # every key fits one counting pass
+        base = torch.zeros(rows, cols, dtype=torch.bfloat16)
+        return base, [(torch.randint(-4, 5, (rows, cols), generator=gen) * 0.125).to(torch.bfloat16) for _ in range(2)]
+    if kind == "bfloat16 finetune":  # few significant bits, many exponents: counting pass on the top bits + insertion
+        base = (torch.randn(rows, cols, generator=gen) * 0.02).to(torch.bfloat16)
+        return base, [(base.float() + 0.002 * torch.randn(rows, cols, generator=gen)).to(torch.bfloat16)
+                      for _ in range(2)]
+    if kind == "float32":  # every low bit in use, 27-bit keys: three radix passes
+        base = torch.randn(rows, cols, generator=gen) * 0.02
+        return base, [base + 0.002 * torch.randn(rows, cols, generator=gen) for _ in range(2)]
+    if kind == "12-bit values":  # low bits differ, 15-bit keys: two radix passes
+        base = torch.zeros(rows, cols)
+        return base, [torch.randint(1, 1 << 12, (rows, cols), generator=gen) * 2.0 ** -20 for _ in range(2)]
+    # rows of zeros, rows of one value, rows of mostly one value with a few continuous ones
+    base = torch.zeros(rows, cols)
+    models = []
+    for _ in range(2):
+        m = torch.full((rows, cols), 0.25)
+        m[0::3] = 0.0
+        odd = torch.rand(rows, cols, generator=gen) < 0.05
+        m[2::3] = torch.where(odd[2::3], torch.randn(rows, cols, generator=gen)[2::3], m[2::3])
+        models.append(m)
+    return base, models
+
+
+@pytest.mark.parametrize("kind", ["few values", "bfloat16 finetune", "float32", "12-bit values", "ties and zeros"])
 @pytest.mark.parametrize("cols", [1024, 2817, 3])
-def test_magprune_with_ranks_from_the_radix_sort_keeps_what_argsort_ranks_keep(lib, monkeypatch, make_inputs, cols):
-    """DELLA's kernels rank each row by a radix sort; torch by a stable argsort. With rescale, a kept entry is
+def test_magprune_with_ranks_from_the_kernels_keeps_what_argsort_ranks_keep(lib, monkeypatch, make_inputs, cols,
+                                                                            kind):
+    """DELLA's kernels rank each row by counting sorts; torch by a stable argsort. With rescale, a kept entry is
     divided by its rank's probability, so one rank off shows in the merged value."""
     gen = torch.Generator().manual_seed(cols)
-    rows = (1 << 19) // cols + 1
-    base = torch.zeros(rows, cols)
-    models = [(torch.randint(-4, 5, (rows, cols), generator=gen) * 0.125).to(torch.bfloat16) for _ in range(2)]
+    base, models = _rank_rows(kind, (1 << 17) // cols + 1, cols, gen)
     from mergeplug.merging import magprune_prune, summed_task_vectors
 
     def run():
-        inputs = make_inputs("della_linear", base.to(torch.bfloat16), models)
+        inputs = make_inputs("della_linear", base, models)
         inputs.compute_dtype = torch.float32
         return summed_task_vectors(inputs, magprune_prune(inputs, [0.45, 0.6], [0.3, 0.5]), scale=1.0)
 
@@ -317,9 +344,10 @@ def _merge_in_child(base, models):
 
 
 def test_a_build_without_avx512_merges_the_same_bytes(lib, tmp_path, monkeypatch, make_merger, make_inputs):
-    """kernels.c has an AVX-512 path (compress-store of band keys) and a portable one: both give the same."""
+    """kernels.c has AVX-512 paths (compress-store of band keys, bucket prefix sums) and portable ones: both give
+    the same."""
     base, models = _weights(torch.bfloat16, discrete=False)
-    cases = [("ties", {"density": 0.2}), ("breadcrumbs", {"density": 0.3, "gamma": 0.02}), ("sce", {})]
+    cases = [("ties", {"density": 0.2}), ("breadcrumbs", {"density": 0.3, "gamma": 0.02}), ("sce", {}), ("della", {})]
 
     def merged():
         out = []
