@@ -406,12 +406,14 @@ def run_merge(plan: MergePlan, out: str | Path, *, force: bool = False, progress
     out = Path(out)
     check_output(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
+    from . import native
+
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the model folder should not be
     try:
         if plan.statistic_sources and not plan.statistics:
             plan.statistics = compute_statistics(plan)
-        with _reusing_freed_memory():
+        with _reusing_freed_memory(), native.lending_threads():
             _stream(plan, tmp, progress)
         _write_metadata(plan, tmp)
         replace_folder(tmp, out)

@@ -1155,7 +1155,7 @@ class _NativeInputs:
         self.spec = native.InputsSpec(n, self.tensors[0].data_ptr(), codes[0], self._models, self._dtypes)
         self.numel = self.tensors[0].numel()
         self.shape = self.tensors[0].shape
-        self.threads = max(1, torch.get_num_threads())
+        self.threads = native.threads()
         for tensor in self.tensors:  # fault inputs still mapped from their files in, in order (see kernels.c)
             address, size = tensor.data_ptr(), tensor.numel() * tensor.element_size()
             native.parallel(lambda lo, hi: lib.mergeplug_touch(address + lo, hi - lo), 0, size, self.threads,

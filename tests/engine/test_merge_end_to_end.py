@@ -145,6 +145,26 @@ def test_same_recipe_and_seed_give_identical_bytes(zoo, write_recipe, tmp_path):
     assert "model.safetensors" in digests[0]
 
 
+def test_a_merge_gives_torch_its_threads_back_after_lending_them_to_the_kernels(zoo, write_recipe, tmp_path,
+                                                                             monkeypatch):
+    from mergeplug import native
+
+    if native.library() is None:
+        pytest.skip("no fused kernels here")
+    seen = []
+    real = native.threads
+    monkeypatch.setattr(native, "threads", lambda: (real(), seen.append(torch.get_num_threads()))[0])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        merge(write_recipe({"method": "dare_ties", "base_model": str(zoo["base"]),
+                            "models": [{"model": str(zoo["ft1"])}, {"model": str(zoo["ft2"])}]}), tmp_path / "out")
+        assert seen and set(seen) == {1}  # the kernels ran, with torch at one thread meanwhile
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_vocab_extend_takes_extra_rows_from_the_tokenizer_source(zoo, write_recipe, tmp_path):
     # ft_vocab has 264 embedding rows, the base 256: the first 256 are merged, the last 8 are ft_vocab's.
     recipe = write_recipe({"method": "linear", "base_model": str(zoo["base"]), "tokenizer_source": str(zoo["ft_vocab"]),

@@ -364,3 +364,31 @@ def test_a_build_without_avx512_merges_the_same_bytes(lib, tmp_path, monkeypatch
     assert native.library() is not None
     for a, b in zip(default, merged()):
         assert torch.equal(a, b)
+
+
+@pytest.fixture
+def two_torch_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_a_merge_lends_torch_threads_to_the_kernels_and_gives_them_back(lib, make_merger, make_inputs,
+                                                                        two_torch_threads):
+    """Inside lending_threads the first kernel call sets torch to one thread (its idle OpenMP threads would
+    spin beside the kernels' own) and the kernels keep torch's count; a merger that never calls the kernels
+    leaves torch's threads alone; the count is restored at the end."""
+    base, models = _weights(torch.float32, discrete=False)
+    with native.lending_threads():
+        make_merger("linear").merge(make_inputs("linear", base, models))
+        assert torch.get_num_threads() == 2
+        alone = make_merger("ties").merge(make_inputs("ties", base, models, None, {"density": 0.2}))
+        assert torch.get_num_threads() == 1
+        assert native.threads() == 2
+        with native.lending_threads():  # nested: the outer count stands, and the outer exit restores
+            assert native.threads() == 2
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == 2
+    assert native.threads() == 2
+    assert torch.equal(alone, make_merger("ties").merge(make_inputs("ties", base, models, None, {"density": 0.2})))
