@@ -12,16 +12,19 @@ Wall time, and peak resident memory (VmHWM of /proc/self/status, which includes 
 Targets: linear / task_arithmetic <= 1.3x the floor; ties, dare, breadcrumbs, della, sce, consensus_ta
 <= 2x; peak RSS <= floor + 1 GiB and not growing with depth.
 
-Each method (the floor too) is measured ``--repeat`` times, interleaved, and the table shows the median
-time against the floor's median and the highest peak: on a shared 2-core machine a single run can be off by
-2x.
+Each method (the floor too) is measured ``--repeat`` times, interleaved, each from the same page-cache state
+(``--cache warm``, the default: inputs read once before; ``cold``: dropped from the cache), and the table
+shows the median time against the floor's median, the fastest against the floor's fastest, and the highest
+peak: on a shared 2-core machine a single run can be off by 2x.
 
-    python benchmarks/merge_speed.py [--folder /tmp/mergeplug-bench] [--methods linear,ties] [--depths 24,12] [--repeat 3]
+    python benchmarks/merge_speed.py [--folder /tmp/mergeplug-bench] [--methods linear,ties] [--depths 24,12]
+                                     [--repeat 3] [--cache warm|cold]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -90,6 +93,21 @@ def floor(paths: dict[str, Path], out: Path) -> None:
     writer.close()
 
 
+def set_page_cache(folder: Path, state: str) -> None:
+    """Put every input file in the page cache (warm: a merge of models just written or read) or out of it
+    (cold: a merge of models on disk), so that each measurement starts from the same state. Left alone, this
+    VM drops part of the cache between runs, and the floor (mostly reading) moved 1-3.5 s from run to run.
+    The previous run's output is flushed first, so its writeback does not land in the next measurement."""
+    os.sync()
+    for path in sorted(folder.glob("*/*.safetensors")):
+        with open(path, "rb") as fh:
+            if state == "cold":
+                os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            else:
+                while fh.read(1 << 24):
+                    pass
+
+
 def measure(method: str, folder: Path) -> None:
     """One measurement, in this (fresh) process; prints a JSON line with seconds and peak RSS."""
     import yaml
@@ -123,6 +141,8 @@ def main() -> None:
     parser.add_argument("--depths", default="24,12", help="Block counts to build and measure.")
     parser.add_argument("--shallow-methods", default="linear,ties,dare_ties",
                         help="Mergers also measured on the shallower models (memory vs depth).")
+    parser.add_argument("--cache", choices=["warm", "cold"], default="warm",
+                        help="Inputs in the page cache before each measurement (warm, default) or dropped from it.")
     parser.add_argument("--repeat", type=int, default=3, help="Measurements per method, interleaved (median shown).")
     parser.add_argument("--measure", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -137,13 +157,10 @@ def main() -> None:
     for i, depth in enumerate(depths):
         folder = args.folder / f"layers{depth}"
         build(folder, depth)
-        for path in folder.glob("*/*.safetensors"):  # warm the page cache so the first measurement is fair
-            with open(path, "rb") as fh:
-                while fh.read(1 << 24):
-                    pass
         chosen = methods if i == 0 else [m for m in args.shallow_methods.split(",") if m in methods]
         for _ in range(args.repeat):  # interleaved, so a slow spell of the machine hits every method alike
             for method in ["floor", *chosen]:
+                set_page_cache(folder, args.cache)
                 run = subprocess.run([sys.executable, __file__, "--measure", method, "--folder", str(folder)],
                                      capture_output=True, text=True)
                 if run.returncode != 0:
@@ -152,14 +169,15 @@ def main() -> None:
                 else:
                     rows.append({"depth": depth, **json.loads(run.stdout.strip().splitlines()[-1])})
                 print(json.dumps(rows[-1]), flush=True)
-    print(f"\n{'blocks':>6} {'method':<18} {'median s':>9} {'min-max s':>12} {'x floor':>8} {'target':>7}"
-          f" {'peak RSS MiB':>13} {'RSS - floor':>12}")
+    print(f"\n{'blocks':>6} {'method':<18} {'median s':>9} {'min-max s':>12} {'x floor':>8} {'(fastest)':>9}"
+          f" {'target':>7} {'peak RSS MiB':>13} {'RSS - floor':>12}")
     for depth in depths:
         summary = {}
         for r in (r for r in rows if r["depth"] == depth):
             summary.setdefault(r["method"], []).append(r)
         ok = {m: [r for r in runs if "error" not in r] for m, runs in summary.items()}
         floor_s = statistics.median(r["seconds"] for r in ok["floor"]) if ok.get("floor") else float("nan")
+        floor_min = min(r["seconds"] for r in ok["floor"]) if ok.get("floor") else float("nan")
         floor_rss = max((r["peak_rss_mib"] for r in ok.get("floor", [])), default=0.0)
         for method, runs in summary.items():
             if not ok[method]:
@@ -171,8 +189,8 @@ def main() -> None:
             target = TARGETS.get(method)
             flag = "" if target is None or ratio <= target else " !"
             spread = f"{min(times):.2f}-{max(times):.2f}"
-            print(f"{depth:>6} {method:<18} {median:>9.2f} {spread:>12} {ratio:>8.2f} {(f'{target:.1f}' if target else '-'):>7}"
-                  f" {rss:>13.0f} {rss - floor_rss:>+12.0f}{flag}")
+            print(f"{depth:>6} {method:<18} {median:>9.2f} {spread:>12} {ratio:>8.2f} {min(times) / floor_min:>9.2f}"
+                  f" {(f'{target:.1f}' if target else '-'):>7} {rss:>13.0f} {rss - floor_rss:>+12.0f}{flag}")
 
 
 if __name__ == "__main__":
