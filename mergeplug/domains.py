@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import MergeplugError
-from .schema import load_schema, problems, with_defaults
+from .schema import load_schema, parse_yaml, problems, with_defaults
 
 #: Fields a custom ``prompt_format`` template may use.
 TEMPLATE_FIELDS = ("instruction", "input", "response")
@@ -83,7 +83,7 @@ def load_domain(path: str | Path) -> Domain:
 
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = parse_yaml(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as exc:
         raise MergeplugError(f"{path}: cannot read the domain file: {exc}") from None
     schema = load_schema("domain")

@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 from .errors import MergeplugError
 from .plugins import Component, Registry, get_registry
 from .schedule import is_schedule
-from .schema import format_path, load_schema, problems, with_defaults
+from .schema import format_path, load_schema, parse_yaml, problems, with_defaults
 
 RECIPE_KINDS = ("merge", "finetune", "evaluate", "fuse", "bench", "tune")
 
@@ -57,7 +57,7 @@ def read_recipe_file(path: str | Path) -> dict:
         import yaml
 
         try:
-            data = yaml.safe_load(text)
+            data = parse_yaml(text)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f"line {mark.line + 1} column {mark.column + 1}: " if mark else ""

@@ -126,3 +126,30 @@ def with_defaults(instance: dict, schema: dict) -> dict:
 def defaults(schema: dict) -> dict:
     """The defaults a schema declares for its top-level properties."""
     return {k: v["default"] for k, v in schema.get("properties", {}).items() if "default" in v}
+
+
+#: A float as YAML 1.2 writes it. PyYAML follows YAML 1.1, whose floats need a dot, so ``lr: 2e-5`` or
+#: ``max_tokens: 1e8`` were read as the strings "2e-5" and "1e8" and refused as "not a number".
+_YAML12_FLOAT = (r"^(?:[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?(?:[eE][-+]?[0-9]+)?"
+                 r"|[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$")
+
+
+@lru_cache(maxsize=None)
+def _yaml_loader():
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        """SafeLoader that also reads YAML 1.2 floats without a dot (1e8, 2E-5) as numbers."""
+
+    # Integers keep their own resolver, which is tried first: "12" stays an int.
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(_YAML12_FLOAT), list("-+0123456789."))
+    return Loader
+
+
+def parse_yaml(text: str) -> Any:
+    """``yaml.safe_load`` that reads ``1e8`` and ``2e-5`` as floats (YAML 1.2), as people write them in recipes."""
+    import yaml
+
+    return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass

@@ -189,3 +189,28 @@ def test_bench_recipe_checks_mergers_and_grids(registry):
 def test_wrong_kind_for_command(registry):
     with pytest.raises(MergeplugError, match="this is a finetune recipe, but a merge recipe was expected"):
         check_recipe({"kind": "finetune", "base_model": "b", "domains": "math"}, source="x", registry=registry, kind="merge")
+
+
+def test_yaml_numbers_without_a_dot_read_as_numbers(tmp_path):
+    """YAML 1.2 floats (2e-5, 1E8) are numbers, as people write them; PyYAML alone (YAML 1.1) made them strings."""
+    from mergeplug.recipe import read_recipe_file
+
+    path = tmp_path / "r.yaml"
+    path.write_text("a: 2e-5\nb: 1E8\nc: -3.5e+2\nd: 12\ne: 0x10\nf: 1_000\ng: 2024-01-02\nh: '1e8'\ni: .5\n"
+                    "j: .inf\nk: 1.5\nl: e8\nm: 1e\n")
+    data = read_recipe_file(path)
+    assert data["a"] == 2e-5 and isinstance(data["a"], float)
+    assert data["b"] == 1e8 and isinstance(data["b"], float)
+    assert data["c"] == -350.0
+    assert (data["d"], data["e"], data["f"]) == (12, 16, 1000) and all(isinstance(data[k], int) for k in "def")
+    assert str(data["g"]) == "2024-01-02"  # still a date
+    assert data["h"] == "1e8"  # quoted: a string
+    assert (data["i"], data["j"], data["k"]) == (0.5, float("inf"), 1.5)
+    assert (data["l"], data["m"]) == ("e8", "1e")
+
+
+def test_a_finetune_recipe_takes_a_learning_rate_written_3e_5(tmp_path, registry):
+    path = tmp_path / "ft.yaml"
+    path.write_text("kind: finetune\nbase_model: base\ndomains: [math]\nparameters:\n  lr: 3e-5\n")
+    recipe = load_recipe(path, registry=registry)
+    assert recipe.data["parameters"]["lr"] == 3e-5
