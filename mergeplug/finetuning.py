@@ -69,9 +69,10 @@ class Finetuner:
 
     def save(self, model: Any, tokenizer: Any, folder: Path, *, base: str) -> None:
         """Write the trained model into ``folder`` (a staging folder the core renames into place): a complete
-        Hugging Face checkpoint (config, weights, tokenizer) that ``AutoModelForCausalLM`` loads."""
-        model.save_pretrained(str(folder))
-        tokenizer.save_pretrained(str(folder))
+        Hugging Face checkpoint (config, weights, tokenizer) that ``AutoModelForCausalLM`` loads, in the dtype
+        the base is stored in (:func:`save_in_base_dtype`), so a specialist's task vector is taken between
+        tensors of one dtype. Override it for models that are not saved whole (an adapter to fold in first)."""
+        save_in_base_dtype(model, tokenizer, folder, base=base)
 
 
 # === the run ===============================================================================================

@@ -210,3 +210,32 @@ def test_gradient_checkpointing_trains_the_blocks_behind_frozen_embeddings(tiny,
     before, after = load_file(str(tiny.base / "model.safetensors")), load_file(str(out / "model.safetensors"))
     changed = {name for name in before if not torch.equal(before[name], after[name])}
     assert changed == set(before) - {"model.embed_tokens.weight"}
+
+
+def test_a_finetuner_without_its_own_save_writes_the_base_dtype(tmp_path):
+    """The base class's save (what a third-party finetuner inherits) writes the model in the dtype the base is
+    stored in, as the built-in finetuners do: a bf16 base gives a bf16 specialist."""
+    import transformers
+
+    from mergeplug.checkpoint import read_safetensors_header
+    from mergeplug.finetuning import Finetuner
+
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=2)
+    base = tmp_path / "base"
+    transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(base)
+    trained = transformers.LlamaForCausalLM(config)  # float32, as training leaves it
+
+    class Tokenizer:
+        def save_pretrained(self, folder):
+            (Path(folder) / "tokenizer.json").write_text("{}")
+
+    class Plain(Finetuner):
+        pass
+
+    out = tmp_path / "out"
+    out.mkdir()
+    Plain().save(trained, Tokenizer(), out, base=str(base))
+    header = read_safetensors_header(out / "model.safetensors")
+    assert {entry["dtype"] for name, entry in header.items() if name != "__metadata__"} == {"BF16"}
+    assert (out / "tokenizer.json").exists()

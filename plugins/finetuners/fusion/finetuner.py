@@ -13,17 +13,16 @@ softmax at ``temperature``. Both are sums over the label tokens divided by their
 (:func:`mergeplug.fusion.fusion_loss`). Defaults (parameters.json): λ = 0.9 (``lm_loss_weight``, FuseChat's
 released training script and FuseLLM's paper), temperature 1 (FuseChat's ``distill_teacher_temperature``), and
 FuseChat's schedule: learning rate 5e-6, 3 epochs, warmup 0.03, cosine, 4 sequences × 4 accumulation steps per
-device (its README's pairwise-fusion command). The trained model is saved in the pivot's stored dtype, as the
-``full`` finetuner saves, so the targets' updates are taken between tensors of one dtype when they are merged.
+device (its README's pairwise-fusion command). The trained model is saved in the pivot's stored dtype (every finetuner's
+default save), so the targets' updates are taken between tensors of one dtype when they are merged.
 
 Examples without fusion targets cannot train this finetuner: run it through ``mergeplug fuse``.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-from mergeplug.finetuning import Finetuner, save_in_base_dtype
+from mergeplug.finetuning import Finetuner
 from mergeplug.fusion import TARGET_IDS, TARGET_LOGPROBS, fusion_loss
 
 
@@ -39,6 +38,3 @@ class FusionFinetuner(Finetuner):
         return fusion_loss(logits, labels, target_ids, target_logprobs,
                            lm_weight=self.parameters["lm_loss_weight"], temperature=self.parameters["temperature"],
                            num_items_in_batch=num_items_in_batch)
-
-    def save(self, model: Any, tokenizer: Any, folder: Path, *, base: str) -> None:
-        save_in_base_dtype(model, tokenizer, folder, base=base)
