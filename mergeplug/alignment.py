@@ -53,7 +53,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import weakref
 import zlib
 from dataclasses import dataclass
@@ -63,6 +62,7 @@ from typing import Any, Callable, ClassVar, Iterable, Sequence
 
 import numpy as np
 
+from .atomic import replacing
 from .errors import MergeplugError
 
 #: Special-token roles, in priority order: a token with several roles takes the first, the role in which a model
@@ -1215,11 +1215,8 @@ def cached_arrays(name: str, key: Any, build: Callable[[], dict[str, np.ndarray]
             pass  # corrupt or partial: rebuild below
     arrays = build()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
-        with os.fdopen(fd, "wb") as handle:
+        with replacing(path, "wb") as handle:
             np.savez(handle, **arrays)
-        os.replace(tmp, path)
     except OSError:
         pass  # a read-only cache only costs the next run the fit time
     return arrays

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
+from .atomic import write_json, write_text
 from .errors import MergeplugError
 
 STEP_FILE = "step.json"
@@ -236,7 +237,7 @@ def run_step(payload: dict) -> dict:
     record["peak_memory_exact"] = exact_peak
     record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     if folder.is_dir():
-        _write_json_atomic(folder / STEP_FILE, record)
+        write_json(folder / STEP_FILE, record)
     return record
 
 
@@ -464,7 +465,7 @@ def bench(recipe, output: str | Path, *, executor: str | None = None, executor_p
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "steps").mkdir(exist_ok=True)
-    _write_json_atomic(out / "bench.json", {"recipe": recipe.data, "source": recipe.source,
+    write_json(out / "bench.json", {"recipe": recipe.data, "source": recipe.source,
                                             "steps": [{"id": s.id, "kind": s.kind, "label": s.label,
                                                        "needs": s.needs} for s in steps]})
     by_id = {s.id: s for s in steps}
@@ -591,7 +592,7 @@ def _write_results(out: Path, steps: Sequence[Step], records: dict[str, dict], *
         if step.kind == "evaluate" and records.get(step.id, {}).get("status") == "ok":
             scores += score_rows(step, out / "steps" / step.id)
     text = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows + scores)
-    _write_text_atomic(out / RESULTS_FILE, text)
+    write_text(out / RESULTS_FILE, text)
     if csv_too:
         _write_csv(out / CSV_FILE, steps, records, scores)
 
@@ -613,14 +614,6 @@ def _write_csv(path: Path, steps: Sequence[Step], records: dict[str, dict], scor
                          "" if row["score"] is None else row["score"],
                          "" if made.get("seconds") is None else made["seconds"],
                          "" if made.get("peak_memory_mib") is None else made["peak_memory_mib"]])
-    _write_text_atomic(path, buffer.getvalue())
+    write_text(path, buffer.getvalue())
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    _write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")

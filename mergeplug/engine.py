@@ -73,6 +73,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .atomic import umask
 from .checkpoint import (
     Checkpoint, ShardedWriter, TensorInfo, copy_tokenizer_files, dtype_name, is_hub_id, open_checkpoint, parse_size,
     replace_folder, resolve_model, torch_dtype,
@@ -409,7 +410,7 @@ def run_merge(plan: MergePlan, out: str | Path, *, force: bool = False, progress
     from . import native
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the model folder should not be
+    os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it private; the model folder should not be
     try:
         if plan.statistic_sources and not plan.statistics:
             plan.statistics = compute_statistics(plan)
@@ -753,12 +754,6 @@ def _output_tensor(plan: MergePlan, tensor: TensorPlan):
         extra = plan.tokenizer_source.checkpoint.get(tensor.sources[tok_index])[tensor.merge_rows:tensor.shape[0]]
         merged = torch.cat([merged, extra.to(merged.device).to(merged.dtype)])
     return merged.to(out_dtype).cpu()
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 # --- metadata ----------------------------------------------------------------------------------------------

@@ -25,14 +25,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from .atomic import write_json, write_text
 from .errors import MergeplugError
 from .evaluation import Metric, Scored
 
@@ -81,27 +80,7 @@ def _read_records(path: Path) -> dict[str, dict]:
 
 
 def _write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, ensure_ascii=False, default=_json_default)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_json(path, data, default=_json_default)
 
 
 def _json_default(value: Any) -> Any:
@@ -207,7 +186,7 @@ def run_benchmark(plan: BenchmarkPlan, records_path: Path, get_backend, *, progr
         key_of = {str(row["id"]): key for row, key in zip(plan.rows, plan.keys)}
         # Records of samples outside this run (a smaller --limit) are kept as they are.
         records = {k: r for k, r in records.items() if key_of.get(k, r.get("key")) == r.get("key")}
-        _write_text_atomic(records_path, "".join(
+        write_text(records_path, "".join(
             json.dumps(_clean(r), ensure_ascii=False, default=_json_default) + "\n" for r in records.values()))
         backend = get_backend()
         generation = plan.generation
@@ -292,7 +271,7 @@ def evaluate_models(models: Sequence[str], domains: Sequence[str] | str, output:
     roles = {d.name: d.data.get("role", "capability") for d in resolved}
     summary = summarise(results, roles, base=base, specialists=specialists, models=list(models))
     _write_json_atomic(out / "summary.json", _clean(summary))
-    _write_text_atomic(out / "summary.md", format_table(summary) + "\n")
+    write_text(out / "summary.md", format_table(summary) + "\n")
     return summary
 
 

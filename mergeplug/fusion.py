@@ -125,6 +125,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
+from .atomic import write_json
 from .errors import MergeplugError
 from .statistics import content_digest, file_sha256
 
@@ -187,9 +188,7 @@ class FusionSettings:
 
 # === small helpers =========================================================================================
 def _write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_json(path, data, sort_keys=True, ensure_ascii=True)
 
 
 def _say(message: str, progress: bool) -> None:

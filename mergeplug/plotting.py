@@ -10,13 +10,13 @@ to a temporary file and renamed so that a reader never sees half a picture.
 from __future__ import annotations
 
 import math
-import os
 import struct
-import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
+
+from .atomic import write_bytes
 
 Colour = tuple[int, int, int]
 WHITE, BLACK, GREY, BLUE = (255, 255, 255), (0, 0, 0), (200, 200, 200), (31, 119, 180)
@@ -140,15 +140,7 @@ class Canvas:
     def save(self, path: str | Path) -> Path:
         """Write the PNG to a temporary file beside ``path`` and rename it into place."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(self.png())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_bytes(path, self.png())
         return path
 
 

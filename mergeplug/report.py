@@ -35,13 +35,12 @@ import base64
 import html
 import json
 import math
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from .atomic import write_bytes
 from .errors import MergeplugError
 from .evaluate_models import forgetting, normalised_performance
 
@@ -754,17 +753,6 @@ def render_html(blocks: list[tuple], images: dict[str, bytes]) -> str:
     return "\n".join(parts) + "\n"
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_report(results: Results | str | Path, out: str | Path) -> Report:
     """Write ``report.md``, ``report.html`` (self-contained), ``report.json`` and the PNG plots into ``out``.
 
@@ -781,9 +769,9 @@ def write_report(results: Results | str | Path, out: str | Path) -> Report:
     blocks = _blocks(summary, plots)
     images = {name: (folder / name).read_bytes() for name in plots}
     markdown, page, data = folder / "report.md", folder / "report.html", folder / "report.json"
-    _write_atomic(markdown, render_markdown(blocks).encode("utf-8"))
-    _write_atomic(page, render_html(blocks, images).encode("utf-8"))
-    _write_atomic(data, (json.dumps(summary, indent=2, ensure_ascii=False, sort_keys=False) + "\n").encode("utf-8"))
+    write_bytes(markdown, render_markdown(blocks).encode("utf-8"))
+    write_bytes(page, render_html(blocks, images).encode("utf-8"))
+    write_bytes(data, (json.dumps(summary, indent=2, ensure_ascii=False, sort_keys=False) + "\n").encode("utf-8"))
     return Report(folder, markdown, page, data, plots, summary)
 
 

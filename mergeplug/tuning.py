@@ -32,7 +32,6 @@ import copy
 import hashlib
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -41,6 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Sequence
 
+from .atomic import write_json
 from .errors import MergeplugError
 from .schema import format_path
 
@@ -903,9 +903,7 @@ def _specialist_scores(out: Path, objective: Objective, merge_data: dict, work: 
 
 
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(_clean(data), indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_json(path, _clean(data), ensure_ascii=True)
 
 
 def _write_best_recipe(path: Path, data: dict, best: Trial, count: int, domains: list[str]) -> None:
