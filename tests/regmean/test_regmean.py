@@ -117,6 +117,48 @@ def test_gram_of_a_tiny_model_equals_xtx_over_tokens_from_a_manual_hook(tiny):
     assert got["model.layers.0.mlp.down_proj.weight"].shape == (model.config.intermediate_size,) * 2
 
 
+def test_layers_fed_the_same_input_share_one_gram_computation(tiny, monkeypatch):
+    """q/k/v take one tensor, gate/up another: per block 4 xᵀx products (qkv, o, gate/up, down), not 7."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny["ft1"]), dtype=torch.float32).eval()
+    products = []
+    real_addmm = torch.Tensor.addmm_
+    monkeypatch.setattr(torch.Tensor, "addmm_", lambda self, *a, **k: (products.append(1), real_addmm(self, *a, **k))[1])
+    batches = [{"input_ids": torch.tensor([[2, 10, 11, 12, 3]])}, {"input_ids": torch.tensor([[2, 20, 3]])}]
+    got = RegMeanMerger(PARAMS).compute_statistic(model, batches, {"samples": 2, "max_length": 512})
+    blocks = model.config.num_hidden_layers
+    assert len(products) == 2 * (4 * blocks + 1)  # + the untied lm_head, in each of the 2 batches
+    q, k, v = (got[f"model.layers.0.self_attn.{p}_proj.weight"] for p in "qkv")
+    assert torch.equal(q, k) and torch.equal(q, v) and q.data_ptr() != k.data_ptr()
+    assert not torch.equal(q, got["model.layers.0.self_attn.o_proj.weight"])
+
+
+class _Switching(torch.nn.Module):
+    """Two linears that take the same input in the first forward pass and different ones after."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.passes = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4), 0
+
+    def get_input_embeddings(self):
+        return None
+
+    def get_output_embeddings(self):
+        return None
+
+    def forward(self, input_ids, attention_mask=None):
+        x = input_ids.float().unsqueeze(-1).expand(*input_ids.shape, 4)
+        self.passes += 1
+        return self.a(x) + self.b(x if self.passes == 1 else x + 1)
+
+
+def test_a_layer_that_stops_sharing_its_input_is_refused_not_given_a_wrong_gram():
+    batches = [{"input_ids": torch.tensor([[1, 2]])}, {"input_ids": torch.tensor([[3, 4]])}]
+    with pytest.raises(MergeplugError, match="b.weight shared its input with a.weight in one forward pass"):
+        RegMeanMerger(PARAMS).compute_statistic(_Switching(), batches, {"samples": 2, "max_length": 512})
+
+
 def test_statistic_batches_group_longest_first_and_pad_on_the_right():
     from mergeplug.engine import statistic_batches
 

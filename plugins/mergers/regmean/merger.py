@@ -5,7 +5,9 @@ layer's inputs at every token position of every sample of the model's own data, 
 positions (all of them, prompt and response: the layer sees them all; arXiv:2212.09849 normalises by the
 number of examples, a scale that cancels in the solve when every model has the same n, so per-token averaging
 keeps models with longer data from dominating). Forward hooks add xᵀx per layer as the batches pass, so no
-activation is stored; padded positions of a batch are left out, so batching does not change G. Keyed by the linear's weight name (``model.layers.0.self_attn.q_proj.weight``). An output
+activation is stored; padded positions of a batch are left out, so batching does not change G. Layers fed
+the very same input tensor (q/k/v, gate/up) share one Gram, computed once (a quarter of a Llama's Gram work).
+Keyed by the linear's weight name (``model.layers.0.self_attn.q_proj.weight``). An output
 layer tied to the input embeddings is skipped: its weight is the embedding matrix, which is not a linear map of
 the data's hidden states alone, and it is merged by the mean like the embeddings (arXiv:2212.09849 merges only
 the linear layers of the encoder); an untied output layer gets a Gram like any linear.
@@ -18,6 +20,8 @@ toward the weighted mean, so such a feature's column takes the mean of the model
 Every other tensor (norms, embeddings, biases, a tied output layer) gets the weighted mean Σ w_i θ_i / Σ w_i.
 """
 from __future__ import annotations
+
+import weakref
 
 import torch
 
@@ -41,10 +45,25 @@ class RegMeanMerger(Merger):
                  for name, m in linears.items()}
         tokens = 0
         real = None  # the current batch's unpadded positions, flattened: padding never enters a Gram
+        # Layers handed the same input tensor object in one forward (q/k/v, gate/up) get the same xᵀx: the first
+        # layer to see it computes it, the others share its Gram. Weak references, so no activation is kept
+        # alive (and a freed tensor's id, reused by a new one, is not taken for it).
+        this_pass: dict[int, tuple[weakref.ref, str]] = {}
+        owner_of: dict[str, str] = {}  # layer -> the layer whose Gram it has (itself if its own), fixed by pass 1
 
         def hook_for(name):
             def accumulate(module, args, kwargs):
-                x = (args[0] if args else kwargs["input"]).detach().reshape(-1, module.in_features)
+                raw = args[0] if args else kwargs["input"]
+                seen = this_pass.get(id(raw))
+                owner = seen[1] if seen is not None and seen[0]() is raw else name
+                if owner == name:
+                    this_pass[id(raw)] = (weakref.ref(raw), name)
+                if owner_of.setdefault(name, owner) != owner:
+                    raise MergeplugError(f"regmean: {name} shared its input with {owner_of[name]} in one forward pass "
+                                         f"and not in another; its Gram cannot be shared")
+                if owner != name:
+                    return
+                x = raw.detach().reshape(-1, module.in_features)
                 x = x[real].float() if real is not None else x.float()
                 grams[name].addmm_(x.T, x)
             return accumulate
@@ -55,6 +74,7 @@ class RegMeanMerger(Merger):
                 for batch in batches:
                     mask = batch.get("attention_mask")
                     real = mask.reshape(-1).bool() if mask is not None else None
+                    this_pass.clear()
                     model(input_ids=batch["input_ids"], attention_mask=mask)
                     tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
         finally:
@@ -62,7 +82,12 @@ class RegMeanMerger(Merger):
                 handle.remove()
         if tokens == 0:
             raise MergeplugError("regmean: the model's data gave no tokens; give it rows with text")
-        return {name: g.div_(tokens) for name, g in grams.items()}
+        for g in grams.values():
+            g.div_(tokens)
+        for name, owner in owner_of.items():
+            if owner != name:
+                grams[name] = grams[owner].clone()  # a tensor of its own: the cache stores each name's bytes
+        return grams
 
     def merge(self, inputs: TensorInputs) -> torch.Tensor:
         weights = inputs.weights("weight")
