@@ -233,7 +233,7 @@ def _rank_rows(kind: str, rows: int, cols: int, gen: torch.Generator):
 
 
 @pytest.mark.parametrize("kind", ["few values", "bfloat16 finetune", "float32", "12-bit values", "ties and zeros"])
-@pytest.mark.parametrize("cols", [1024, 2817, 3])
+@pytest.mark.parametrize("cols", [1024, 2817, 3, 100_003])  # 100,003: more than the 2**16 buckets at most
 def test_magprune_with_ranks_from_the_kernels_keeps_what_argsort_ranks_keep(lib, monkeypatch, make_inputs, cols,
                                                                             kind):
     """DELLA's kernels rank each row by counting sorts; torch by a stable argsort. With rescale, a kept entry is
