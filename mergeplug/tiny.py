@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from .atomic import write_text
 from .errors import MergeplugError
 
 #: Settings of :func:`build_tiny_base` (our choices, by calibration). A 1.1M-parameter Llama (4 layers of 128,
@@ -119,9 +120,7 @@ def write_rows(folder: str | Path, parts: Mapping[str, Sequence[dict]]) -> list[
     written = []
     for name, rows in parts.items():
         path = folder / f"{name}.jsonl"
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
-        tmp.replace(path)
+        write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
         written.append(path)
     return written
 
