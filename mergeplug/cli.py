@@ -226,7 +226,8 @@ def merge_command(recipe, output, force, device, dtype, statistics_batch_tokens)
 
     On the CPU the pruning mergers (ties, dare_*, breadcrumbs*, della*, sce) run as fused C kernels that
     the first such merge compiles with the system's C compiler and caches; MERGEPLUG_NATIVE=0 (or no
-    compiler) runs them as torch operations instead, with the same results to float32 rounding.
+    compiler) runs them as torch operations instead, with the same results to float32 rounding. They use
+    as many threads as torch does (OMP_NUM_THREADS, else one a core).
     """
     from .engine import merge
     from .recipe import load_recipe
