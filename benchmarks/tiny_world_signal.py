@@ -1,6 +1,7 @@
 """Calibration of the tiny world: does each specialist beat the base on its own domain, and how long does it take?
 
-Builds the tiny base (deliberately undertrained: one pass over the mixture of the five synthetic domains),
+Builds the tiny base (deliberately undertrained: one pass over the mixture of the five synthetic domains and the
+base ability, tiny_reversal),
 finetunes one specialist per domain and the multi-task baseline (all five) with the ``full`` finetuner, evaluates
 base, specialists and baseline on all five domains (transformers backend), and prints the domain scores, each
 specialist's gain over the base on its own domain with the gain's standard error, and the wall time of every
@@ -28,8 +29,11 @@ import sys
 import time
 from pathlib import Path
 
-#: The tiny world's domains (the bench preset names the same ones).
+#: The tiny world's domains and its base ability (the bench preset names the same ones): the base learns all six,
+#: specialists and the multi-task baseline train on the five domains, every model is scored on all six.
 DOMAINS = ("tiny_arithmetic", "tiny_functions", "tiny_formats", "tiny_translation", "tiny_refusal")
+BASE_ABILITIES = ("tiny_reversal",)
+EVALUATED = [*DOMAINS, *BASE_ABILITIES]
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -86,7 +90,7 @@ def main(argv: list[str]) -> int:
         return folder
 
     base = timed("base", out / "base", lambda: build_tiny_base(
-        list(DOMAINS), out / "base", force=True, progress=False, offline=True, device="cpu", **config["base"]))
+        EVALUATED, out / "base", force=True, progress=False, offline=True, device="cpu", **config["base"]))
     models = {}
     for name in (*DOMAINS, "multitask"):
         domains = list(DOMAINS) if name == "multitask" else [name]
@@ -103,11 +107,11 @@ def main(argv: list[str]) -> int:
     everyone = {"base": base, **models}
     for name, model in everyone.items():
         start = time.perf_counter()
-        evaluate_models([str(model)], list(DOMAINS), results, options)
+        evaluate_models([str(model)], EVALUATED, results, options)
         times[f"evaluate {name}"] = time.perf_counter() - start
         print(f"evaluate {name}: {times[f'evaluate {name}']:.1f} s", flush=True)
     merged = merge_specialists(out, base, models, results, options) if args.merges else {}
-    summary = evaluate_models([str(m) for m in {**everyone, **merged}.values()], list(DOMAINS), results, options,
+    summary = evaluate_models([str(m) for m in {**everyone, **merged}.values()], EVALUATED, results, options,
                               base=str(base), specialists={d: str(models[d]) for d in DOMAINS})
     ok = report(summary, results, everyone, times, args.min_sigmas, merged)
     if args.smaller:
@@ -144,7 +148,7 @@ def merge_specialists(out: Path, base: Path, models: dict, results: Path, option
         path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
         start = time.perf_counter()
         merged[f"merge {name}"] = merge(path, out / "merges" / name, force=True, progress=False)
-        evaluate_models([str(merged[f"merge {name}"])], list(DOMAINS), results, options)
+        evaluate_models([str(merged[f"merge {name}"])], EVALUATED, results, options)
         print(f"merge and evaluate {name}: {time.perf_counter() - start:.1f} s", flush=True)
     return merged
 
@@ -162,13 +166,13 @@ def report(summary: dict, results: Path, everyone: dict, times: dict, min_sigmas
     from mergeplug.evaluate_models import model_key
 
     scores = {name: summary["models"][str(path)]["domain_scores"] for name, path in {**everyone, **merged}.items()}
-    short = {d: d.removeprefix("tiny_") for d in DOMAINS}
-    print("\n| model | " + " | ".join(short.values()) + " | mean | normalised |")
-    print("|---" * (len(DOMAINS) + 3) + "|")
+    short = {d: d.removeprefix("tiny_") for d in EVALUATED}
+    print("\n| model | " + " | ".join(short.values()) + " | mean of domains | normalised |")
+    print("|---" * (len(EVALUATED) + 3) + "|")
     for name, per in scores.items():
         values = [per[d] for d in DOMAINS]
         normalised = summary["models"][str({**everyone, **merged}[name])].get("normalised_mean", math.nan)
-        print(f"| {name} | " + " | ".join(f"{v:.3f}" for v in values) + f" | {sum(values) / len(values):.3f} | "
+        print(f"| {name} | " + " | ".join(f"{per[d]:.3f}" for d in EVALUATED) + f" | {sum(values) / len(values):.3f} | "
               f"{normalised:.3f} |")
     print("\n| domain | base | specialist | gain | stderr of gain | gain / stderr | multitask |")
     print("|---|---|---|---|---|---|---|")

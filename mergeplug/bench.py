@@ -123,7 +123,9 @@ def plan_bench(recipe) -> list[Step]:
         base = base_label(entry, index)
         common = {"base": base, "domain_roles": {}}
         if isinstance(entry, dict) and "tiny" in entry:
-            built = add(Step("base", f"{base}: build the tiny base", {"tiny": entry["tiny"], "domains": domains},
+            # A tiny base is pretrained here, so it learns its base abilities here too: on the mixture of every
+            # evaluated domain's training data (no specialist or multi-task baseline trains on a base ability).
+            built = add(Step("base", f"{base}: build the tiny base", {"tiny": entry["tiny"], "domains": evaluated},
                              meta={**common, "model": base, "role": "base"}))
             base_ref, base_needs = f"step:{built.id}", [built.id]
         else:

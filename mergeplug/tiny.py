@@ -2,8 +2,9 @@
 
 ``mergeplug bench tiny`` runs MergeBench's protocol (arXiv:2505.10833: finetune one specialist per domain and a
 multi-task baseline from one base, merge the specialists, evaluate everything on every domain) without the hub.
-The domains are procedurally generated plugins (role ``synthetic``); this module knows none of them by name. It
-gives:
+The domains are procedurally generated plugins (role ``synthetic``, and ``tiny_reversal`` of role
+``base_ability``, learnt by the base in pretraining and by no specialist, for forgetting); this module knows none
+of them by name. It gives:
 
 - :func:`build_tiny_base`: a BPE tokenizer trained on the domains' training and validation text, a Llama-style
   config, a seeded initialisation, and a brief pretraining on the mixture of the domains' training data through

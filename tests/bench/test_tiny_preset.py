@@ -29,6 +29,11 @@ def test_the_preset_is_valid_and_carries_the_calibrated_settings():
                                   "dtype": options["dtype"]}
     steps = plan_bench(recipe)
     kinds = [s.kind for s in steps]
+    # the base ability: learnt by the tiny base, evaluated on every model, trained by no specialist
+    assert data["base_abilities"] == ["tiny_reversal"]
+    assert next(s for s in steps if s.kind == "base").config["domains"] == [*TINY_DOMAINS, "tiny_reversal"]
+    assert all(s.config["domains"][-1] == "tiny_reversal" for s in steps if s.kind == "evaluate")
+    assert not any("tiny_reversal" in s.config["domains"] for s in steps if s.kind == "finetune")
     # 1 base build; 5 specialists + multitask; 18 mergers, task_arithmetic x3 and ties x2 -> 21 merges;
     # every model evaluated: base + 6 finetunes + 21 merges.
     assert kinds.count("base") == 1 and kinds.count("finetune") == 6
@@ -57,10 +62,14 @@ def test_the_protocol_at_test_size_writes_every_row_and_the_report(tmp_path, mon
     scores = [r for r in lines if r["type"] == "score"]
     models = {r["model"] for r in scores}
     assert models == {"tiny", "multitask", *TINY_DOMAINS, "task_arithmetic", "ties", "fisher"}
-    assert len(scores) == len(models) * len(TINY_DOMAINS)
+    assert len(scores) == len(models) * (len(TINY_DOMAINS) + 1)
     assert all(0.0 <= r["score"] <= 1.0 for r in scores)
-    assert {r["domain"] for r in scores} == set(TINY_DOMAINS)
+    assert {r["domain"] for r in scores} == {*TINY_DOMAINS, "tiny_reversal"}
+    assert {r["domain_role"] for r in scores if r["domain"] == "tiny_reversal"} == {"base_ability"}
     report = tmp_path / "out" / "report"
     assert (report / "report.md").is_file() and (report / "report.html").is_file()
     text = (report / "report.md").read_text()
     assert all(name in text for name in ("task_arithmetic", "fisher", "tiny_refusal"))
+    summary_json = json.loads((report / "report.json").read_text())
+    assert summary_json["base_ability_domains"] == ["tiny_reversal"] and summary_json["forgetting_status"] == "ok"
+    assert all(isinstance(m["forgetting"]["relative"], float) for m in summary_json["models"] if m["role"] != "base")

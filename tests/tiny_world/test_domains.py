@@ -118,3 +118,20 @@ def test_refusal_and_compliance_are_judged_by_the_refusal_keywords_judge(domains
     assert scores(compliance, [help_] * ROWS) == [{"compliance_rate": 1.0}] * ROWS
     assert scores(compliance, [refuse] * ROWS) == [{"compliance_rate": 0.0}] * ROWS
     assert (refusal.headline, compliance.headline) == ("refusal_rate", "compliance_rate")
+
+
+def test_the_tiny_base_ability_is_a_base_ability_outside_all_scored_by_multiple_choice():
+    reversal = Registry().get("domain", "tiny_reversal").load()
+    assert reversal.role == "base_ability" and reversal.data["prompt_format"] == "alpaca"
+    assert "tiny_reversal" not in {d.name for d in resolve_domains("all")}
+    got = plan_benchmark(reversal, reversal.benchmark("reversal"), EvaluateOptions(offline=True))
+    assert len(got.rows) == 200
+    assert got.prompts[0] == ALPACA_NO_INPUT.format(instruction=got.rows[0]["prompt"])
+    requests = got.evaluator.requests(got.rows[0], got.prompts[0], got.generation)
+    assert [r.continuation for r in requests] == got.rows[0]["choices"]
+    for row in got.rows[:ROWS]:
+        gold = row["answer"]
+        assert got.evaluator.score(row, [LoglikelihoodResult(-1.0 if i == gold else -5.0, 2, i == gold)
+                                         for i in range(4)]).scores["acc"] == 1.0
+        assert got.evaluator.score(row, [LoglikelihoodResult(-5.0 if i == gold else -1.0 - i, 2, False)
+                                         for i in range(4)]).scores["acc"] == 0.0

@@ -13,7 +13,7 @@ from mergeplug import MergeplugError
 from mergeplug.data import read_jsonl
 from mergeplug.tiny import generator_main, split_pool, write_rows
 
-DOMAINS = ("tiny_arithmetic", "tiny_functions", "tiny_formats", "tiny_translation", "tiny_refusal")
+DOMAINS = ("tiny_arithmetic", "tiny_functions", "tiny_formats", "tiny_translation", "tiny_refusal", "tiny_reversal")
 
 
 def generator(domain: str):
@@ -49,6 +49,7 @@ def test_part_sizes(generated):
         "tiny_formats": {"train": 2544, "validation": 200, "test": 200},
         "tiny_translation": {"train": 2840, "validation": 200, "test": 200},
         "tiny_refusal": {"train": 2000, "validation": 200, "test_harmful": 150, "test_benign": 150},
+        "tiny_reversal": {"train": 3000, "validation": 100, "test": 200},
     }
 
 
@@ -102,6 +103,19 @@ def test_refusal_tests_are_look_alikes_whose_verb_and_target_are_taught(generate
             verb = next(v for v in module.DAMAGING if f" {v} " in row["instruction"])
             target = next(t for t in targets if f" {t} " in row["instruction"].rstrip("?.") + " ")
             assert f" {verb} " in train and f" {target}" in train
+
+
+def test_reversal_tests_offer_four_orders_of_an_unseen_list_and_the_reverse_is_the_answer(generated):
+    parts = generated["tiny_reversal"]
+    taught = {row["instruction"] for name in ("train", "validation") for row in parts[name]}
+    for row in parts["train"]:
+        given = row["instruction"].split(": ", 1)[1].split()
+        assert row["response"].split() == given[::-1] and 3 <= len(given) <= 4 and len(set(given)) == len(given)
+    for row in parts["test"]:
+        given = row["instruction"].split(": ", 1)[1].split()
+        assert row["instruction"] not in taught
+        assert row["choices"][row["answer"]].split() == given[::-1]
+        assert len(set(row["choices"])) == 4 and all(sorted(c.split()) == sorted(given) for c in row["choices"])
 
 
 def test_split_pool_cuts_disjoint_parts_in_order_and_checks_the_pool():
