@@ -110,7 +110,7 @@ def test_all_is_the_five_capability_domains_and_names_are_checked(use_registry):
     with pytest.raises(UnknownComponentError) as info:
         resolve_domains("maths,coding")
     assert str(info.value).startswith("unknown domain 'maths'; known: math, ")
-    tiny = {"tiny_arithmetic", "tiny_formats", "tiny_functions", "tiny_refusal", "tiny_translation"}
+    tiny = {"tiny_arithmetic", "tiny_formats", "tiny_functions", "tiny_refusal", "tiny_reversal", "tiny_translation"}
     assert set(str(info.value).split("known: ")[1].split(", ")) == {*CAPABILITIES, "general", *tiny}
     with pytest.raises(MergeplugError, match=r"^no domain given"):
         resolve_domains(" , ")

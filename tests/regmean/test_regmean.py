@@ -124,7 +124,8 @@ def test_layers_fed_the_same_input_share_one_gram_computation(tiny, monkeypatch)
     model = AutoModelForCausalLM.from_pretrained(str(tiny["ft1"]), dtype=torch.float32).eval()
     products = []
     real_addmm = torch.Tensor.addmm_
-    monkeypatch.setattr(torch.Tensor, "addmm_", lambda self, *a, **k: (products.append(1), real_addmm(self, *a, **k))[1])
+    monkeypatch.setattr(torch.Tensor, "addmm_",
+                        lambda self, *a, **k: (products.append(1), real_addmm(self, *a, **k))[1])
     batches = [{"input_ids": torch.tensor([[2, 10, 11, 12, 3]])}, {"input_ids": torch.tensor([[2, 20, 3]])}]
     got = RegMeanMerger(PARAMS).compute_statistic(model, batches, {"samples": 2, "max_length": 512})
     blocks = model.config.num_hidden_layers
