@@ -71,9 +71,7 @@ def read_recipe_file(path: str | Path) -> dict:
 def load_recipe(path: str | Path, *, registry: Registry | None = None, kind: str | None = None) -> Recipe:
     """Read and check a recipe file; raises :class:`MergeplugError` listing every problem."""
     path = Path(path)
-    recipe = check_recipe(read_recipe_file(path), source=path.name, registry=registry, kind=kind)
-    recipe.path = path
-    return recipe
+    return check_recipe(read_recipe_file(path), source=path.name, registry=registry, kind=kind, path=path)
 
 
 # --- checking ----------------------------------------------------------------------------------------------
@@ -84,7 +82,11 @@ def recipe_kind(data: dict, source: str) -> str:
     return kind
 
 
-def check_recipe(data: dict, *, source: str, registry: Registry | None = None, kind: str | None = None) -> Recipe:
+def check_recipe(data: dict, *, source: str, registry: Registry | None = None, kind: str | None = None,
+                 path: str | Path | None = None) -> Recipe:
+    """Check recipe ``data`` (a parsed file, or a dict built in Python) and fill its defaults; raises
+    :class:`MergeplugError` listing every problem. ``source`` names it in messages; ``path``, where the recipe
+    stands for a file, is what relative model and data paths are resolved against (else the working folder)."""
     registry = registry or get_registry()
     for detect, convert in DIALECTS:
         if detect(data):
@@ -97,7 +99,7 @@ def check_recipe(data: dict, *, source: str, registry: Registry | None = None, k
     lines = problems(data, schema, source=source)
     if lines:
         raise MergeplugError(*lines)
-    recipe = Recipe(found, with_defaults(data, schema), source)
+    recipe = Recipe(found, with_defaults(data, schema), source, Path(path) if path is not None else None)
     lines = _COMPONENT_CHECKS[found](recipe, registry)
     if lines:
         raise MergeplugError(*lines)

@@ -278,9 +278,7 @@ def load_tune_recipe(path: str | Path, *, registry=None):
         data["merge"] = str((path.parent / merge).resolve())
     elif isinstance(merge, dict):
         data["merge"] = _absolute_refs(merge, path.parent)
-    recipe = check_recipe(data, source=path.name, registry=registry, kind="tune")
-    recipe.path = path
-    return recipe
+    return check_recipe(data, source=path.name, registry=registry, kind="tune", path=path)
 
 
 def _absolute_refs(merge_data: dict, folder: Path | None) -> dict:

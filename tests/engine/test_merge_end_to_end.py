@@ -11,6 +11,7 @@ import torch
 import yaml
 from safetensors import safe_open
 
+from mergeplug import MergeplugError
 from mergeplug.engine import merge
 from mergeplug.plugins import Registry
 
@@ -278,3 +279,18 @@ def test_every_installed_merger_runs_through_the_engine(method, zoo, write_recip
     assert {n: t.shape for n, t in merged.items()} == {n: t.shape for n, t in base.items()}
     assert all(bool(torch.isfinite(t).all()) for t in merged.values())
     assert any(not torch.equal(merged[n], base[n]) for n in base)  # the finetunes moved something
+
+
+def test_a_recipe_built_in_python_resolves_relative_models_against_its_path(zoo, tmp_path):
+    """check_recipe(path=) does for a dict what load_recipe does for a file: relative model paths are read
+    against the recipe's folder, not the working folder."""
+    from mergeplug.recipe import check_recipe
+
+    data = {"method": "linear", "models": [{"model": "ft1"}, {"model": "ft2"}]}
+    recipe = check_recipe(data, source="built in Python", path=zoo["ft1"].parent / "recipe.yaml")
+    assert recipe.path == zoo["ft1"].parent / "recipe.yaml"
+    merged, ft1, ft2 = load(merge(recipe, tmp_path / "out")), load(zoo["ft1"]), load(zoo["ft2"])
+    name = "model.layers.0.mlp.up_proj.weight"
+    torch.testing.assert_close(merged[name], (ft1[name] + ft2[name]) / 2, rtol=1e-6, atol=1e-6)
+    with pytest.raises(MergeplugError, match="ft1"):  # without a path: the working folder, where ft1 is not
+        merge(check_recipe(data, source="built in Python"), tmp_path / "out2")
