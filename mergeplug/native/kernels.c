@@ -363,11 +363,16 @@ static void scatter(const uint64_t *src, int64_t n, int shift, uint32_t mask, ui
     }
 }
 
+/* The bits row_ranks' counting pass sorts a row of n entries on: floor(log2 n) + 1 (about two buckets an
+ * entry), at most 16. */
+static int coarse_bits(int64_t n) {
+    int coarse = n > 1 ? 64 - __builtin_clzll((uint64_t)n) : 1;
+    return coarse > 16 ? 16 : coarse;
+}
+
 /* Room row_ranks needs in counts for a row of n entries. */
 static int64_t rank_counts_size(int64_t n) {
-    int coarse = n > 1 ? 64 - __builtin_clzll((uint64_t)n) : 1;
-    coarse = coarse > 16 ? 16 : coarse;
-    int64_t need = (int64_t)2 << coarse;
+    int64_t need = (int64_t)2 << coarse_bits(n);
     return need > 2 * 2048 ? need : 2 * 2048;
 }
 
@@ -395,8 +400,7 @@ static void row_ranks(const uint32_t *keys, int64_t n, uint64_t *packed, uint64_
     int zeros = ored ? __builtin_ctz(ored) : 0;
     uint32_t top = high ? ((high - low) >> zeros) + 1u : 0u;
     int bits = top ? 32 - __builtin_clz(top) : 0;
-    int coarse = n > 1 ? 64 - __builtin_clzll((uint64_t)n) : 1;
-    coarse = coarse > 16 ? 16 : coarse;
+    int coarse = coarse_bits(n);
     int fine = bits > coarse ? bits - coarse : 0; /* low bits the counting pass leaves to insertion */
     uint32_t fine_mask = (1u << fine) - 1u;
     /* The low bits of the narrow key of any k with more trailing zeros than low (most keys, when few bits are
