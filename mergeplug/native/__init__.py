@@ -40,6 +40,7 @@ SCORE_MAGNITUDE, SCORE_VARIANCE = 0, 1
 KEEP_EVERY_KTH, KEEP_NONE_KTH = -1, (1 << 63) - 1
 
 _lock = threading.Lock()
+_lending_lock = threading.Lock()
 _state: dict[str, object] = {}
 
 
@@ -179,18 +180,26 @@ def threads() -> int:
 @contextlib.contextmanager
 def lending_threads():
     """While a merge runs: if the kernels are used, torch's threads are theirs (see :func:`threads`); torch's
-    thread count is restored at the end. A merge that never calls the kernels keeps torch's threads."""
+    thread count is restored at the end. A merge that never calls the kernels keeps torch's threads.
+
+    torch's thread count is the process's, so the lending is too: nested or overlapping (merges in several
+    threads of one process) contexts share it, the first to begin records torch's count and the last to end
+    restores it."""
     import torch
 
-    before = torch.get_num_threads()
-    outer = _state.get("lent_threads")
-    _state["lent_threads"] = outer or before
+    with _lending_lock:
+        if not _state.get("lending"):
+            _state["lent_threads"] = torch.get_num_threads()
+        _state["lending"] = int(_state.get("lending") or 0) + 1
     try:
         yield
     finally:
-        _state["lent_threads"] = outer
-        if not outer and torch.get_num_threads() != before:
-            torch.set_num_threads(before)
+        with _lending_lock:
+            _state["lending"] = int(_state["lending"]) - 1  # type: ignore[arg-type]
+            if not _state["lending"]:
+                before = _state.pop("lent_threads")
+                if torch.get_num_threads() != before:
+                    torch.set_num_threads(before)  # type: ignore[arg-type]
 
 
 def _executor(threads: int) -> ThreadPoolExecutor:

@@ -391,4 +391,13 @@ def test_a_merge_lends_torch_threads_to_the_kernels_and_gives_them_back(lib, mak
         assert torch.get_num_threads() == 1
     assert torch.get_num_threads() == 2
     assert native.threads() == 2
+    # overlapping, as merges in two threads of one process: the first to begin records, the last to end restores
+    first, second = native.lending_threads(), native.lending_threads()
+    first.__enter__()
+    make_merger("ties").merge(make_inputs("ties", base, models, None, {"density": 0.2}))
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert torch.get_num_threads() == 1 and native.threads() == 2
+    second.__exit__(None, None, None)
+    assert torch.get_num_threads() == 2
     assert torch.equal(alone, make_merger("ties").merge(make_inputs("ties", base, models, None, {"density": 0.2})))
