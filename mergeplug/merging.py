@@ -857,9 +857,12 @@ class RandomKeep(Pruner):
         self._offsets = [0] * len(densities)
 
     def __call__(self, i: int, chunk: torch.Tensor) -> torch.Tensor:
+        return bernoulli_keep(chunk, self.densities[i], self._draws(i, chunk), self.rescale)
+
+    def _draws(self, i: int, chunk: torch.Tensor) -> torch.Tensor:
+        """Model i's uniform numbers for ``chunk``, the next of its chunks in order."""
         start, self._offsets[i] = self._offsets[i], self._offsets[i] + chunk.numel()
-        return bernoulli_keep(chunk, self.densities[i], uniform(self.keys[i], start, chunk.numel(), chunk.device),
-                              self.rescale)
+        return uniform(self.keys[i], start, chunk.numel(), chunk.device)
 
     def rule(self, i: int) -> dict[str, Any] | None:
         density = self.densities[i]
@@ -883,10 +886,8 @@ class RankedKeep(RandomKeep):
             check_magprune(d, e, w)
 
     def __call__(self, i: int, chunk: torch.Tensor) -> torch.Tensor:
-        start, self._offsets[i] = self._offsets[i], self._offsets[i] + chunk.numel()
-        u = uniform(self.keys[i], start, chunk.numel(), chunk.device)
-        return magprune(chunk.view(-1, self.row), self.densities[i], self.epsilons[i], u, self.rescale,
-                        where=self.where[i]).reshape(-1)
+        return magprune(chunk.view(-1, self.row), self.densities[i], self.epsilons[i], self._draws(i, chunk),
+                        self.rescale, where=self.where[i]).reshape(-1)
 
     def rule(self, i: int) -> dict[str, Any] | None:
         density = self.densities[i]
@@ -1187,6 +1188,9 @@ class _NativeScan:
 
     def __init__(self, held: _NativeInputs, kind: int, model: int):
         self.held, self.kind, self.model = held, kind, model
+        self._sample: torch.Tensor | None = None
+        #: The last band scan's bands of this score: (lo, hi, thread ranges, each range's result).
+        self._last_bands: list = []
 
     #: The sample: this many runs of RUN consecutive positions, evenly spaced (65,536 keys in all).
     RUNS, RUN = 4096, 16
@@ -1194,7 +1198,7 @@ class _NativeScan:
     def sample(self) -> torch.Tensor:
         """The sample's keys in ascending order (taken and sorted once: Breadcrumbs' two cuts of one model
         share them)."""
-        if getattr(self, "_sample", None) is not None:
+        if self._sample is not None:
             return self._sample
         keys = torch.empty(self.RUNS * self.RUN, dtype=torch.int32)
         _check(self.held.lib.mergeplug_sample_keys(ctypes.byref(self.held.spec), self.kind, self.model,
@@ -1208,8 +1212,8 @@ class _NativeScan:
 
     def _counts_per_range(self, key: int, band: int) -> tuple[list[tuple[int, int]], list[int]] | None:
         """From the last scan's band ``band``, if it covered ``key``: each range's count of entries with it."""
-        bands = getattr(self, "_last_bands", None)
-        if not bands or band >= len(bands):
+        bands = self._last_bands
+        if band >= len(bands):
             return None
         lo, hi, ranges, parts = bands[band]
         if not lo <= key <= hi:
